@@ -1,0 +1,103 @@
+# mixbit Makefile. One binary, ./mixbit.
+#
+#   make              build ./mixbit (CUDA kernels compiled with nvcc when it is found)
+#   make CUDA=0       build without CUDA: GPU entries return "built without CUDA"
+#   make test         build and run every test program (tests/test_*.c); fails if any test fails
+#   make check        what CI runs: make test (default build) then make asan
+#   make asan         the tests under AddressSanitizer + UBSan (CPU code; CUDA=0)
+#   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
+#   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
+#   make bench        build the benchmarks in bench/
+#   make clean
+
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA ?= $(if $(NVCC),1,0)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90
+
+CC ?= cc
+BUILD ?= build
+OPT ?= -O2 -march=x86-64-v2 -mtune=native
+SAN ?=
+CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I/usr/include/x86_64-linux-gnu/openblas-pthread
+LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -lopenblas -lm -fopenmp
+
+LIB_SRC = $(wildcard core/*.c formats/*.c calib/*.c quant/*.c convert/*.c)
+CU_SRC = $(wildcard kernels/*.cu)
+KERNEL_C = $(filter-out kernels/cuda_stub.c,$(wildcard kernels/*.c))
+
+ifeq ($(CUDA),1)
+CU_OBJ = $(CU_SRC:%.cu=$(BUILD)/%.o)
+LIB_SRC += $(KERNEL_C)
+LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart_static -ldl -lrt -lpthread -lstdc++
+else
+CU_OBJ =
+LIB_SRC += $(KERNEL_C) kernels/cuda_stub.c
+endif
+
+LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o) $(CU_OBJ)
+CLI_OBJ = $(patsubst %.c,$(BUILD)/%.o,$(wildcard cli/*.c))
+TEST_SRC = $(wildcard tests/test_*.c)
+TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC = $(wildcard bench/bench_*.c)
+BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all test check asan gpu-test fuzz bench clean
+all: mixbit
+
+mixbit: $(BUILD)/mixbit
+	cp $< $@
+
+$(BUILD)/mixbit: $(CLI_OBJ) $(BUILD)/libmixbit.a
+	$(CC) $(CFLAGS) -o $@ $(CLI_OBJ) $(BUILD)/libmixbit.a $(LDLIBS)
+
+$(BUILD)/libmixbit.a: $(LIB_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-fPIC -MMD -MP -c -o $@ $<
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libmixbit.a tests/harness.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmixbit.a $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libmixbit.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmixbit.a $(LDLIBS)
+
+# Each test program prints "N passed, N failed, N skipped"; tests/run.sh adds them up.
+test: $(BUILD)/mixbit $(TEST_BIN)
+	@MIXBIT=$(BUILD)/mixbit sh tests/run.sh $(TEST_BIN)
+
+check:
+	$(MAKE) test
+	$(MAKE) asan
+
+asan:
+	$(MAKE) BUILD=build-asan CUDA=0 OPT="-O1" SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+		MB_ASAN=1 test
+
+gpu-test: $(BUILD)/tests/test_kernels
+	MB_REQUIRE_GPU=1 $(BUILD)/tests/test_kernels
+	command -v compute-sanitizer >/dev/null && compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick || \
+		$(CUDA_HOME)/bin/compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick
+
+FUZZ_SECONDS ?= 60
+fuzz:
+	@mkdir -p fuzz/corpus
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_safetensors \
+		tests/fuzz_safetensors.c formats/safetensors.c core/core.c -ljansson -lm
+	./fuzz/fuzz_safetensors -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus
+
+bench: $(BENCH_BIN)
+
+clean:
+	rm -rf build build-asan mixbit fuzz
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,82 @@
+/* cli/main.c: `mixbit <command> [options]`. Argument parsing only; the work is in convert/.
+ * Exit codes: 0 success, 1 bad input or failure, 2 bad usage. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../convert/convert.h"
+#include "../kernels/kernels.h"
+#include "args.h"
+
+static int finish(int rc) {
+    if (rc == 0) return 0;
+    fprintf(stderr, "mixbit: error: %s\n", mb_errmsg()[0] ? mb_errmsg() : mb_status_str(rc));
+    return rc == MB_EUSAGE ? 2 : 1;
+}
+
+/* ---- inspect ---- */
+static int cmd_inspect(int argc, char **argv) {
+    struct mb_inspect_params p = {0};
+    int json = 0, summary = 0;
+    const struct mb_opt opts[] = {
+        {"json", MB_OPT_FLAG, &json, NULL, "print JSON on stdout"},
+        {"summary", MB_OPT_FLAG, &summary, NULL, "no tensor table"},
+        {0},
+    };
+    const struct mb_cmd_spec spec = {"inspect", "mixbit inspect PATH [--json] [--summary]",
+                                     "Show a model's architecture, parameter count, bytes by dtype and tensor table.",
+                                     "PATH is a model directory (config.json + safetensors, sharded or not, float or EXL2)\n"
+                                     "or a single .safetensors file. The checkpoint is validated against config.json.",
+                                     opts, 1, 1};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    p.path = pos[0];
+    p.json = json;
+    p.no_tensors = summary;
+    return finish(mb_inspect(&p));
+}
+
+/* ---- gpu ---- */
+static int cmd_gpu(int argc, char **argv) {
+    const struct mb_opt opts[] = {{0}};
+    const struct mb_cmd_spec spec = {"gpu", "mixbit gpu", "Say whether this binary has CUDA and whether a GPU is usable.", NULL, opts, 0, 0};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    char name[256];
+    printf("cuda built: %s\n", mb_cuda_built() ? "yes" : "no");
+    if (mb_cuda_probe(name, sizeof name) == 0) printf("gpu: %s\n", name);
+    else printf("gpu: none (%s)\n", mb_errmsg());
+    return 0;
+}
+
+struct command {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *summary;
+};
+
+static const struct command commands[] = {
+    {"inspect", cmd_inspect, "show a model's architecture, sizes and tensors"},
+    {"gpu", cmd_gpu, "report CUDA build and GPU availability"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "mixbit %s: quantize Hugging Face Llama / Mistral / Mixtral checkpoints to EXL2\n\n", MB_VERSION);
+    fprintf(f, "usage: mixbit <command> [options]\n       mixbit <command> --help\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\ncommon options: -q (quiet), -v (verbose), -h/--help; --version\n"
+               "results go to stdout, progress and logs to stderr; exit 0 ok, 1 failure, 2 bad usage\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { usage(stderr); return 2; }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) { usage(stdout); return 0; }
+    if (!strcmp(argv[1], "--version")) { printf("mixbit %s (%s)\n", MB_VERSION, mb_cuda_built() ? "CUDA" : "no CUDA"); return 0; }
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "mixbit: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

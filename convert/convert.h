@@ -1,0 +1,16 @@
+/* convert/convert.h: the end-to-end jobs behind each mixbit command (inspect, tokenize, ppl, convert).
+ * The CLI parses options into these params structs and calls one entry; results go to stdout, progress
+ * and logs to stderr. Each entry returns 0 or a negative MB_E* status with mb_errmsg() set. */
+#ifndef MB_CONVERT_H
+#define MB_CONVERT_H
+
+#include "../core/core.h"
+
+struct mb_inspect_params {
+    const char *path; /* model directory or .safetensors file */
+    int json;
+    int no_tensors;   /* summary only */
+};
+int mb_inspect(const struct mb_inspect_params *p);
+
+#endif

@@ -1,0 +1,124 @@
+/* core/core.h: shared basics of mixbit.
+ *
+ * - status codes (one X-macro table) and a per-thread error message naming the file/tensor/line involved;
+ * - logging and progress on stderr (results go to stdout, never here);
+ * - fp16 / bf16 conversion (round to nearest even, as hardware does);
+ * - small file helpers: read a whole file, write a file atomically (temporary name + rename);
+ * - a monotonic clock.
+ *
+ * Conventions: a function that can fail returns 0 or a negative MB_E* code and has called mb_fail() with a
+ * message; the CLI prints mb_errmsg() and exits 1. free functions accept NULL.
+ */
+#ifndef MB_CORE_H
+#define MB_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdarg.h>
+
+#define MB_VERSION "0.1.0"
+
+#define MB_STATUS_TABLE(X)                                               \
+    X(MB_OK, 0, "ok")                                                    \
+    X(MB_EINVAL, -1, "invalid input")                                    \
+    X(MB_EIO, -2, "i/o error")                                           \
+    X(MB_ENOMEM, -3, "out of memory")                                    \
+    X(MB_EFORMAT, -4, "malformed file")                                  \
+    X(MB_EUNSUPPORTED, -5, "unsupported")                                \
+    X(MB_ENOCUDA, -6, "CUDA unavailable")                                \
+    X(MB_ENUMERIC, -7, "numerical failure")                              \
+    X(MB_ERANGE, -8, "out of range")                                     \
+    X(MB_EUSAGE, -9, "bad usage")
+
+enum mb_status {
+#define MB__ENUM(name, val, str) name = val,
+    MB_STATUS_TABLE(MB__ENUM)
+#undef MB__ENUM
+};
+
+/* Name ("MB_EFORMAT") and description of a status code. Static strings. */
+const char *mb_status_name(int status);
+const char *mb_status_str(int status);
+
+/* Record a formatted message for this thread and return `status` (so: `return mb_fail(MB_EIO, ...)`). */
+int mb_fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prefix the current message with more context: "ctx: old message". Returns status. */
+int mb_fail_ctx(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The last message recorded on this thread ("" if none). Valid until the next mb_fail on this thread. */
+const char *mb_errmsg(void);
+
+/* ---- logging (stderr) ---- */
+enum { MB_LOG_ERROR = 0, MB_LOG_WARN = 1, MB_LOG_INFO = 2, MB_LOG_DEBUG = 3 };
+extern int mb_log_level; /* default MB_LOG_INFO; -q sets WARN, -v sets DEBUG */
+void mb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define mb_info(...) mb_log(MB_LOG_INFO, __VA_ARGS__)
+#define mb_warn(...) mb_log(MB_LOG_WARN, __VA_ARGS__)
+#define mb_debug(...) mb_log(MB_LOG_DEBUG, __VA_ARGS__)
+
+/* ---- progress (stderr): a bar with rate and ETA on a terminal, a line every few seconds otherwise ---- */
+struct mb_progress {
+    const char *stage; /* borrowed */
+    const char *unit;  /* borrowed, e.g. "tok" */
+    int64_t total, done;
+    double t0, last;
+    int tty, active;
+};
+void mb_progress_begin(struct mb_progress *p, const char *stage, const char *unit, int64_t total);
+void mb_progress_update(struct mb_progress *p, int64_t done);
+void mb_progress_end(struct mb_progress *p);
+
+/* ---- time ---- */
+double mb_now(void); /* seconds, monotonic */
+
+/* ---- fp16 / bf16 ---- */
+float mb_f16_to_f32(uint16_t h);
+uint16_t mb_f32_to_f16(float f); /* round to nearest even, overflow to inf */
+float mb_bf16_to_f32(uint16_t h);
+uint16_t mb_f32_to_bf16(float f); /* round to nearest even */
+static inline float mb_f16_round(float f) { return mb_f16_to_f32(mb_f32_to_f16(f)); }
+
+/* ---- memory ---- */
+/* malloc/calloc that record MB_ENOMEM with `what` on failure (return NULL). */
+void *mb_malloc(size_t n, const char *what);
+void *mb_calloc(size_t n, size_t size, const char *what);
+/* n * size with overflow check; returns 0 on overflow. */
+int mb_mul_ok(size_t a, size_t b, size_t *out);
+
+/* ---- files ---- */
+/* Read a whole file into a NUL-terminated malloc'd buffer (caller frees). `max` bytes at most (0: no cap). */
+int mb_read_file(const char *path, char **buf, size_t *len, size_t max);
+/* Atomic write: open "<path>.tmp.<pid>" for writing; mb_atomic_commit fsyncs, closes and renames it onto
+ * `path`; mb_atomic_abort closes and removes it. A struct is owned by the caller (stack). */
+struct mb_atomic_file {
+    FILE *f;
+    char path[4096];
+    char tmp[4200];
+};
+int mb_atomic_open(struct mb_atomic_file *af, const char *path);
+int mb_atomic_commit(struct mb_atomic_file *af);
+void mb_atomic_abort(struct mb_atomic_file *af);
+/* Write a whole buffer atomically. */
+int mb_write_file_atomic(const char *path, const void *data, size_t len);
+int mb_file_exists(const char *path);
+int mb_is_dir(const char *path);
+/* Join dir and name into out (size outsz). Returns MB_EINVAL if it does not fit. */
+int mb_path_join(char *out, size_t outsz, const char *dir, const char *name);
+int mb_mkdir_p(const char *path);
+int mb_copy_file(const char *src, const char *dst);
+
+/* ---- threads ---- */
+int mb_num_threads(void);
+
+/* ---- random (splitmix64 / xoshiro-like, reproducible across platforms) ---- */
+struct mb_rng { uint64_t s; };
+static inline uint64_t mb_rng_next(struct mb_rng *r) {
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static inline double mb_rng_uniform(struct mb_rng *r) { return (mb_rng_next(r) >> 11) * (1.0 / 9007199254740992.0); }
+float mb_rng_normal(struct mb_rng *r);
+
+#endif
