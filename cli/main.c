@@ -37,6 +37,31 @@ static int cmd_inspect(int argc, char **argv) {
     return finish(mb_inspect(&p));
 }
 
+/* ---- tokenize ---- */
+static int cmd_tokenize(int argc, char **argv) {
+    struct mb_tokenize_params p = {0};
+    const struct mb_opt opts[] = {
+        {"text", MB_OPT_STR, &p.text, "STR", "text to encode (or ids to decode)"},
+        {"file", MB_OPT_STR, &p.file, "F", "file to encode (.txt or .gz, streamed), or ids to decode"},
+        {"bos", MB_OPT_FLAG, &p.bos, NULL, "prepend the BOS token"},
+        {"json", MB_OPT_FLAG, &p.json, NULL, "print {\"ids\": [...], \"count\": n}"},
+        {"count", MB_OPT_FLAG, &p.count, NULL, "print only the number of ids"},
+        {"decode", MB_OPT_FLAG, &p.decode, NULL, "turn ids (space or comma separated) back into text"},
+        {"literal", MB_OPT_FLAG, &p.literal, NULL, "do not match special tokens such as <s> in the text"},
+        {0},
+    };
+    const struct mb_cmd_spec spec = {"tokenize", "mixbit tokenize TOKENIZER (--text STR | --file F) [--bos] [--json] [--count] [--decode]",
+                                     "Encode text with a model's tokenizer.json (bit-exact with Hugging Face tokenizers), or decode ids.",
+                                     "TOKENIZER is a model directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json path.\n"
+                                     "Example: mixbit tokenize ../shared/models/kjv-llama --text \"In the beginning\" --bos",
+                                     opts, 1, 1};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    p.tokenizer = pos[0];
+    return finish(mb_tokenize_cmd(&p));
+}
+
 /* ---- gpu ---- */
 static int cmd_gpu(int argc, char **argv) {
     const struct mb_opt opts[] = {{0}};
@@ -59,6 +84,7 @@ struct command {
 
 static const struct command commands[] = {
     {"inspect", cmd_inspect, "show a model's architecture, sizes and tensors"},
+    {"tokenize", cmd_tokenize, "encode text to token ids, or decode ids"},
     {"gpu", cmd_gpu, "report CUDA build and GPU availability"},
 };
 

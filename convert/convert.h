@@ -13,4 +13,13 @@ struct mb_inspect_params {
 };
 int mb_inspect(const struct mb_inspect_params *p);
 
+struct mb_tokenize_params {
+    const char *tokenizer; /* model directory or tokenizer.json */
+    const char *text;      /* or */
+    const char *file;      /* .txt / .gz file, streamed */
+    int bos, json, count, decode, literal;
+};
+/* Print ids (or their count, or with decode the text of whitespace/comma separated ids). */
+int mb_tokenize_cmd(const struct mb_tokenize_params *p);
+
 #endif
