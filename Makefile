@@ -16,11 +16,15 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90
 
 CC ?= cc
+# OpenBLAS, OpenMP build (Debian libopenblas-openmp-dev): it shares the OpenMP thread pool instead of
+# fighting it, and runs single-threaded when called inside a parallel region
+BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
+BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
 BUILD ?= build
 OPT ?= -O2 -march=x86-64-v2 -mtune=native
 SAN ?=
-CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I/usr/include/x86_64-linux-gnu/openblas-pthread
-LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -lopenblas -lm -fopenmp
+CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I$(BLAS_INC)
+LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
 
 LIB_SRC = $(wildcard core/*.c formats/*.c calib/*.c quant/*.c convert/*.c)
 CU_SRC = $(wildcard kernels/*.cu)
@@ -73,7 +77,7 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libmixbit.a
 
 # Each test program prints "N passed, N failed, N skipped"; tests/run.sh adds them up.
 test: $(BUILD)/mixbit $(TEST_BIN)
-	@MIXBIT=$(BUILD)/mixbit sh tests/run.sh $(TEST_BIN)
+	@MIXBIT=$(BUILD)/mixbit $(if $(MB_ASAN),MB_ASAN=1) sh tests/run.sh $(TEST_BIN)
 
 check:
 	$(MAKE) test
@@ -81,7 +85,7 @@ check:
 
 asan:
 	$(MAKE) BUILD=build-asan CUDA=0 OPT="-O1" SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-		MB_ASAN=1 test
+		test MB_ASAN=1
 
 gpu-test: $(BUILD)/tests/test_kernels
 	MB_REQUIRE_GPU=1 $(BUILD)/tests/test_kernels

@@ -62,6 +62,35 @@ static int cmd_tokenize(int argc, char **argv) {
     return finish(mb_tokenize_cmd(&p));
 }
 
+/* ---- ppl ---- */
+static int cmd_ppl(int argc, char **argv) {
+    struct mb_ppl_cmd_params p = {0};
+    const struct mb_opt opts[] = {
+        {"text", MB_OPT_STR, &p.text, "FILE", "text to evaluate (.txt or .gz), tokenized whole with BOS first (required)"},
+        {"convention", MB_OPT_STR, &p.convention, "NAME", "paper (default: windows of ctx, all positions scored) or llamacpp"},
+        {"ctx", MB_OPT_INT, &p.ctx, "N", "context / chunk length (default 2048 paper, 512 llamacpp)"},
+        {"stride", MB_OPT_INT, &p.stride, "N", "paper: window stride < ctx, scoring only new tokens"},
+        {"max-tokens", MB_OPT_INT, &p.max_tokens, "N", "evaluate only the first N tokens of the stream"},
+        {"batch-tokens", MB_OPT_INT, &p.batch_tokens, "N", "rows per forward batch (default 4096)"},
+        {"save-logprobs", MB_OPT_STR, &p.save_logprobs, "FILE", "store top-k log-probabilities per scored position"},
+        {"topk", MB_OPT_INT, &p.topk, "K", "k for --save-logprobs (default 32)"},
+        {"kld", MB_OPT_STR, &p.kld, "FILE", "report KL divergence against a --save-logprobs file"},
+        {"json", MB_OPT_FLAG, &p.json, NULL, "print JSON"},
+        {0},
+    };
+    const struct mb_cmd_spec spec = {"ppl", "mixbit ppl MODEL --text FILE [--convention paper|llamacpp] [--ctx N] [--json]",
+                                     "Perplexity of a model (float or EXL2) on a text, and KL divergence against a reference run.",
+                                     "Examples:\n  mixbit ppl ../shared/models/kjv-llama --text ../shared/text/kjv-eval.txt --convention llamacpp --ctx 256\n"
+                                     "  mixbit ppl MODEL --text T --ctx 256 --save-logprobs ref.bin && mixbit ppl QUANT --text T --ctx 256 --kld ref.bin",
+                                     opts, 1, 1};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    if (!p.text) { fprintf(stderr, "mixbit ppl: --text is required\n"); return 2; }
+    p.model = pos[0];
+    return finish(mb_ppl_cmd(&p));
+}
+
 /* ---- gpu ---- */
 static int cmd_gpu(int argc, char **argv) {
     const struct mb_opt opts[] = {{0}};
@@ -85,6 +114,7 @@ struct command {
 static const struct command commands[] = {
     {"inspect", cmd_inspect, "show a model's architecture, sizes and tensors"},
     {"tokenize", cmd_tokenize, "encode text to token ids, or decode ids"},
+    {"ppl", cmd_ppl, "perplexity and KL divergence on a text"},
     {"gpu", cmd_gpu, "report CUDA build and GPU availability"},
 };
 

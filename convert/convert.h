@@ -22,4 +22,14 @@ struct mb_tokenize_params {
 /* Print ids (or their count, or with decode the text of whitespace/comma separated ids). */
 int mb_tokenize_cmd(const struct mb_tokenize_params *p);
 
+struct mb_ppl_cmd_params {
+    const char *model, *text;
+    const char *convention; /* "paper" (default) or "llamacpp" */
+    int64_t ctx, stride, max_tokens, batch_tokens, topk;
+    const char *save_logprobs, *kld;
+    int json;
+};
+/* Perplexity (and KL divergence) of a model on a text file; prints the result. */
+int mb_ppl_cmd(const struct mb_ppl_cmd_params *p);
+
 #endif

@@ -1,0 +1,56 @@
+/* convert/ppl_cmd.c: `mixbit ppl`: perplexity and KL divergence of a model on a text file. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../calib/calib.h"
+#include "convert.h"
+
+int mb_ppl_cmd(const struct mb_ppl_cmd_params *p) {
+    struct mb_ppl_params pp;
+    mb_ppl_default_params(&pp);
+    if (!p->convention || !strcmp(p->convention, "paper")) pp.convention = MB_PPL_PAPER;
+    else if (!strcmp(p->convention, "llamacpp")) pp.convention = MB_PPL_LLAMACPP;
+    else return mb_fail(MB_EUSAGE, "--convention must be paper or llamacpp, not \"%s\"", p->convention);
+    pp.ctx = p->ctx > 0 ? p->ctx : (pp.convention == MB_PPL_LLAMACPP ? 512 : 2048);
+    pp.stride = p->stride;
+    if (p->stride < 0 || p->stride > pp.ctx) return mb_fail(MB_EUSAGE, "--stride must be in 1..ctx");
+    if (p->stride && pp.convention != MB_PPL_PAPER) return mb_fail(MB_EUSAGE, "--stride applies to the paper convention");
+    pp.max_tokens = p->max_tokens;
+    if (p->batch_tokens > 0) pp.batch_tokens = p->batch_tokens;
+    if (p->topk) pp.topk = (int)p->topk;
+    pp.save_logprobs = p->save_logprobs;
+    pp.kld = p->kld;
+    struct mb_model *m = NULL;
+    struct mb_tokenizer *t = NULL;
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    int rc = mb_model_open(p->model, &m);
+    if (!rc) rc = mb_tokenizer_load(m->dir, &t);
+    if (!rc) rc = mb_tokenize_file(t, p->text, 1, &ids, &n);
+    if (!rc && pp.ctx > m->cfg.max_pos)
+        mb_warn("context %lld exceeds the model's max_position_embeddings %lld", (long long)pp.ctx, (long long)m->cfg.max_pos);
+    struct mb_ppl_result r;
+    if (!rc) {
+        mb_info("%s: %lld tokens (with BOS), convention %s, ctx %lld", p->text, (long long)n, pp.convention == MB_PPL_PAPER ? "paper" : "llamacpp", (long long)pp.ctx);
+        rc = mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r);
+    }
+    if (!rc) {
+        const char *conv = pp.convention == MB_PPL_PAPER ? "paper" : "llamacpp";
+        if (p->json) {
+            printf("{\"ppl\": %.6f, \"tokens\": %lld, \"mean_nll\": %.8f, \"convention\": \"%s\", \"ctx\": %lld, \"evaluated\": %lld, \"tok_per_s\": %.1f",
+                   r.ppl, (long long)r.tokens, r.mean_nll, conv, (long long)pp.ctx, (long long)r.evaluated, r.tok_per_s);
+            if (r.has_kld) printf(", \"kld_mean\": %.8f, \"kld_p99\": %.8f, \"same_top1\": %.4f", r.kld_mean, r.kld_p99, r.same_top1);
+            printf("}\n");
+        } else {
+            printf("perplexity %.4f over %lld tokens (convention %s, ctx %lld%s)\n", r.ppl, (long long)r.tokens, conv, (long long)pp.ctx,
+                   pp.stride ? ", strided" : "");
+            printf("mean nll %.6f; %lld tokens evaluated in %.2f s (%.0f tok/s)\n", r.mean_nll, (long long)r.evaluated, r.seconds, r.tok_per_s);
+            if (r.has_kld) printf("KL divergence vs %s: mean %.6f, p99 %.6f, same top-1 %.2f%%\n", p->kld, r.kld_mean, r.kld_p99, r.same_top1);
+            if (p->save_logprobs) printf("saved top-%d log-probabilities to %s\n", pp.topk, p->save_logprobs);
+        }
+    }
+    free(ids);
+    mb_tokenizer_free(t);
+    mb_model_close(m);
+    return rc;
+}

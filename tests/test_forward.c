@@ -1,0 +1,175 @@
+/* tests/test_forward.c: the forward pass against the float64 references (per-position NLLs within 2e-4)
+ * and the reference perplexities (0.05% relative, both conventions), KL divergence, MoE invariance. */
+#include <jansson.h>
+#include <unistd.h>
+
+#include "../calib/calib.h"
+#include "harness.h"
+
+static void test_nll_reference(void) {
+    const char *models[] = {"stories260K", "stories260K-moe4", "kjv-llama", "kjv-mixtral"};
+    for (int mi = 0; mi < 4; mi++) {
+        char p[512], md[512];
+        snprintf(p, sizeof p, "%s/reference/nll-%s.json", th_shared(), models[mi]);
+        snprintf(md, sizeof md, "%s/models/%s", th_shared(), models[mi]);
+        json_error_t err;
+        json_t *root = json_load_file(p, 0, &err);
+        CHECK_MSG(root != NULL, "%s: %s", p, err.text);
+        if (!root) continue;
+        json_t *jids = json_object_get(root, "ids"), *jnll = json_object_get(root, "nll"), *jam = json_object_get(root, "argmax");
+        int64_t T = (int64_t)json_array_size(jids);
+        int32_t *ids = malloc(T * sizeof *ids), *am = malloc(T * sizeof *am);
+        double *nll = malloc(T * sizeof *nll);
+        for (int64_t i = 0; i < T; i++) ids[i] = (int32_t)json_integer_value(json_array_get(jids, i));
+        struct mb_model *m = NULL;
+        CHECK_EQ(mb_model_open(md, &m), 0);
+        if (m) {
+            int rc = mb_seq_nll(m, &mb_ops_cpu, ids, T, nll, am);
+            CHECK_MSG(rc == 0, "%s: %s", models[mi], mb_errmsg());
+            double maxd = 0;
+            int am_bad = 0;
+            for (int64_t i = 0; rc == 0 && i + 1 < T; i++) {
+                double d = fabs(nll[i] - json_number_value(json_array_get(jnll, i)));
+                if (d > maxd) maxd = d;
+                if (jam && am[i] != json_integer_value(json_array_get(jam, i))) am_bad++;
+            }
+            fprintf(stderr, "  %s: max |nll - ref| = %.2e over %lld positions, argmax mismatches %d\n", models[mi], maxd, (long long)T - 1, am_bad);
+            CHECK_MSG(maxd <= 2e-4, "%s: max nll diff %g", models[mi], maxd);
+            CHECK_MSG(am_bad <= 1, "%s: %d argmax mismatches", models[mi], am_bad); /* near-ties may flip */
+        }
+        mb_model_close(m);
+        free(ids); free(am); free(nll);
+        json_decref(root);
+    }
+}
+
+static void test_ppl_reference(void) {
+    char p[512];
+    snprintf(p, sizeof p, "%s/reference/ppl.json", th_shared());
+    json_error_t err;
+    json_t *root = json_load_file(p, 0, &err);
+    CHECK_MSG(root != NULL, "%s", p);
+    if (!root) return;
+    int checked = 0, asan = getenv("MB_ASAN") != NULL;
+    for (size_t i = 0; i < json_array_size(root); i++) {
+        json_t *e = json_array_get(root, i);
+        /* under the sanitizers (10x slower) only the small entries run; the full set runs in `make test` */
+        if (asan && json_integer_value(json_object_get(e, "tokens")) > 5000) continue;
+        char md[512], tp[512];
+        snprintf(md, sizeof md, "%s/%s", th_shared(), json_string_value(json_object_get(e, "model")));
+        snprintf(tp, sizeof tp, "%s/%s", th_shared(), json_string_value(json_object_get(e, "text")));
+        const char *conv = json_string_value(json_object_get(e, "convention"));
+        struct mb_model *m = NULL;
+        struct mb_tokenizer *t = NULL;
+        CHECK_EQ(mb_model_open(md, &m), 0);
+        CHECK_EQ(mb_tokenizer_load(md, &t), 0);
+        if (!m || !t) { mb_model_close(m); mb_tokenizer_free(t); continue; }
+        int32_t *ids = NULL;
+        int64_t n = 0;
+        CHECK_EQ(mb_tokenize_file(t, tp, 1, &ids, &n), 0);
+        struct mb_ppl_params pp;
+        mb_ppl_default_params(&pp);
+        pp.convention = !strcmp(conv, "llamacpp") ? MB_PPL_LLAMACPP : MB_PPL_PAPER;
+        pp.ctx = json_integer_value(json_object_get(e, "ctx"));
+        pp.max_tokens = json_integer_value(json_object_get(e, "max_tokens"));
+        pp.progress = 0;
+        struct mb_ppl_result r;
+        int rc = mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r);
+        CHECK_MSG(rc == 0, "%s", mb_errmsg());
+        double want = json_number_value(json_object_get(e, "ppl"));
+        fprintf(stderr, "  %s %s %s ctx %lld: ppl %.4f (ref %.4f, rel %.1e) tokens %lld (ref %lld), %.0f tok/s\n", json_string_value(json_object_get(e, "model")),
+                json_string_value(json_object_get(e, "text")), conv, (long long)pp.ctx, r.ppl, want, fabs(r.ppl / want - 1), (long long)r.tokens,
+                (long long)json_integer_value(json_object_get(e, "tokens")), r.tok_per_s);
+        CHECK_EQ(r.tokens, json_integer_value(json_object_get(e, "tokens")));
+        CHECK_NEAR(r.ppl / want, 1.0, 5e-4);
+        checked++;
+        free(ids);
+        mb_tokenizer_free(t);
+        mb_model_close(m);
+    }
+    CHECK(checked >= (asan ? 4 : 14));
+    json_decref(root);
+}
+
+/* stories260K-moe4's experts are permutations of the dense MLP: same outputs as stories260K */
+static void test_moe_equals_dense(void) {
+    char a[512], b[512];
+    snprintf(a, sizeof a, "%s/models/stories260K", th_shared());
+    snprintf(b, sizeof b, "%s/models/stories260K-moe4", th_shared());
+    struct mb_model *ma = NULL, *mm = NULL;
+    CHECK_EQ(mb_model_open(a, &ma), 0);
+    CHECK_EQ(mb_model_open(b, &mm), 0);
+    if (!ma || !mm) { mb_model_close(ma); mb_model_close(mm); return; }
+    int32_t ids[64];
+    struct mb_rng g = {7};
+    ids[0] = 1;
+    for (int i = 1; i < 64; i++) ids[i] = 3 + (int32_t)(mb_rng_next(&g) % 500);
+    double na[64], nb[64];
+    CHECK_EQ(mb_seq_nll(ma, &mb_ops_cpu, ids, 64, na, NULL), 0);
+    CHECK_EQ(mb_seq_nll(mm, &mb_ops_cpu, ids, 64, nb, NULL), 0);
+    double md = 0;
+    for (int i = 0; i < 63; i++) if (fabs(na[i] - nb[i]) > md) md = fabs(na[i] - nb[i]);
+    CHECK_MSG(md < 1e-4, "max diff %g", md);
+    mb_model_close(ma);
+    mb_model_close(mm);
+}
+
+static void test_kld(void) {
+    char md[512], tp[512], lp[256], lp2[256];
+    snprintf(md, sizeof md, "%s/models/stories260K", th_shared());
+    snprintf(tp, sizeof tp, "%s/text/tinystories-sample.txt", th_shared());
+    snprintf(lp, sizeof lp, "/tmp/mb_test_kld_%ld.bin", (long)getpid());
+    snprintf(lp2, sizeof lp2, "/tmp/mb_test_kld2_%ld.bin", (long)getpid());
+    struct mb_model *m = NULL, *m16 = NULL;
+    struct mb_tokenizer *t = NULL;
+    CHECK_EQ(mb_model_open(md, &m), 0);
+    CHECK_EQ(mb_tokenizer_load(md, &t), 0);
+    char md16[512];
+    snprintf(md16, sizeof md16, "%s/models/stories260K-f16", th_shared());
+    CHECK_EQ(mb_model_open(md16, &m16), 0);
+    if (!m || !t || !m16) goto out;
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    CHECK_EQ(mb_tokenize_file(t, tp, 1, &ids, &n), 0);
+    struct mb_ppl_params pp;
+    mb_ppl_default_params(&pp);
+    pp.ctx = 128;
+    pp.progress = 0;
+    pp.save_logprobs = lp;
+    struct mb_ppl_result r0, r1, r2;
+    CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r0), 0);
+    pp.save_logprobs = NULL;
+    pp.kld = lp;
+    /* the same model against itself: KLD ~ 0, top-1 100% */
+    CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r1), 0);
+    CHECK(r1.has_kld);
+    CHECK_NEAR(r1.kld_mean, 0, 1e-6);
+    CHECK_NEAR(r1.same_top1, 100.0, 1e-9);
+    CHECK_NEAR(r1.ppl, r0.ppl, 1e-9);
+    /* the f16 copy: small but non-zero KLD */
+    CHECK_EQ(mb_ppl_run(m16, ids, n, mb_tokenizer_hash(t), &pp, &r2), 0);
+    CHECK(r2.kld_mean > 0 && r2.kld_mean < 1e-3);
+    CHECK(r2.kld_p99 >= r2.kld_mean);
+    fprintf(stderr, "  f16 vs f32: KLD mean %.2e, p99 %.2e, same top-1 %.2f%%\n", r2.kld_mean, r2.kld_p99, r2.same_top1);
+    /* another text (cut): refused */
+    pp.max_tokens = n - 10;
+    CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r2), MB_EINVAL);
+    pp.max_tokens = 0;
+    pp.ctx = 64;
+    CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r2), MB_EINVAL);
+    free(ids);
+out:
+    unlink(lp);
+    unlink(lp2);
+    mb_tokenizer_free(t);
+    mb_model_close(m);
+    mb_model_close(m16);
+}
+
+int main(void) {
+    RUN(test_nll_reference);
+    RUN(test_moe_equals_dense);
+    RUN(test_ppl_reference);
+    RUN(test_kld);
+    TEST_MAIN_END();
+}
