@@ -16,4 +16,92 @@ struct mb_exl2_summary {
 /* Summaries of every quantized layer of an EXL2 model (owned array, free()). */
 int mb_exl2_summarize(const struct mb_model *m, struct mb_exl2_summary **out, int *n);
 
+
+/* ------------------------------------------------------------------------------------------------ */
+/* settings and option tables                                                                       */
+
+#define MB_QS_MAX 4
+/* One projection's setting: parts of the (act-ordered) rows, each with a bit width, a share of the rows
+ * and a group size; written "0.05:3b_64g/0.95:2b_64g". Widths are listed in descending order. */
+struct mb_qsetting {
+    int n;
+    int bits[MB_QS_MAX];
+    double prop[MB_QS_MAX];
+    int gsize[MB_QS_MAX];
+    int scale_bits; /* always 4 */
+};
+
+#define MB_ATTN_OPTIONS 19
+#define MB_MLP_OPTIONS 17
+/* The reference converter's option tables: attention rows give (q, k, v, o), MLP rows (gate, up, down). */
+extern const char *const mb_attn_table[MB_ATTN_OPTIONS][4];
+extern const char *const mb_mlp_table[MB_MLP_OPTIONS][3];
+/* Head options by head bits (2, 3, 4, 5, 6, 8); NULL for others. */
+const char *mb_head_option(int head_bits);
+
+int mb_qsetting_parse(const char *s, struct mb_qsetting *q);
+/* "0.05:3b_64g/0.95:2b_64g" */
+void mb_qsetting_str(const struct mb_qsetting *q, char *buf, size_t n);
+
+/* The groups a setting gives a matrix with K rows (K a multiple of 32 after padding): G groups with
+ * bits[g] and rows[g] (arrays of at least K/32 entries). Same rule as the reference converter: per part,
+ * ceil(min(K*prop, rows left) / gsize) groups, the last one cut short when the rows run out. */
+int mb_qsetting_groups(const struct mb_qsetting *q, int64_t K, int *G, int *bits, int64_t *rows);
+/* Exact storage cost in bits of a K x N layer (format doc formula; bias adds 16 * N). */
+int64_t mb_qsetting_bits(const struct mb_qsetting *q, int64_t K, int64_t N, int bias);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Hessians                                                                                         */
+
+/* H = sum over calibration rows of x^T x (K x K, f64), with the row count. */
+struct mb_hessian {
+    int64_t K;
+    int64_t count;
+    double *H;
+};
+int mb_hessian_init(struct mb_hessian *h, int64_t K);
+void mb_hessian_free(struct mb_hessian *h);
+/* Add x [M, K] (f32): computed with sgemm in f32 per call, accumulated in f64. */
+int mb_hessian_add(struct mb_hessian *h, const float *x, int64_t M);
+/* a += b */
+int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b);
+/* Act order: perm[j] = index of the j-th largest diagonal entry (stable on ties). */
+void mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* GPTQ                                                                                             */
+
+struct mb_gptq_params {
+    double damp;       /* relative damping, default 0.12 of the mean diagonal */
+    int max_damp_tries;/* default 10: damping added again after a failed Cholesky */
+    int rtn;           /* 1: round to nearest with the same groups and scales, no error feedback */
+    const char *name;  /* layer name for messages */
+};
+void mb_gptq_default_params(struct mb_gptq_params *p);
+
+/* Result of quantizing one layer: the EXL2 ingredients and the fake-quantized weights. */
+struct mb_qresult {
+    int64_t K, Kp, N;   /* Kp = K rounded up to 32 */
+    int G;
+    int *gbits;         /* [G] */
+    int64_t *grows;     /* [G] */
+    uint8_t *q;         /* [Kp, N] values in permuted row order */
+    uint8_t *qs;        /* [G, N] sub-scales 1..16 */
+    uint16_t *scale_max;/* [G] fp16 */
+    int32_t *perm;      /* [Kp] */
+    float *wq;          /* [N, K] dequantized weights, original order (Hugging Face layout) */
+    double damp_used;
+};
+void mb_qresult_free(struct mb_qresult *r);
+
+/* Quantize W [N, K] (Hugging Face layout) with Hessian h (K x K, from mb_hessian; normalized inside) and
+ * a setting. */
+int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessian *h, const struct mb_qsetting *qs,
+                     const struct mb_gptq_params *p, struct mb_qresult *out);
+/* Pack a result into EXL2 tensors, rebuild them and compare with the fake-quantized weights (fails with
+ * the layer name when any element differs by more than 0.05, the reference converter's check). */
+int mb_qresult_pack(const struct mb_qresult *r, const char *name, struct mb_exl2_packed *out);
+/* Relative output error ||X W^T - X Q^T||_F / ||X W^T||_F computed from H = X^T X. */
+double mb_output_error(const float *w, const float *wq, int64_t N, int64_t K, const struct mb_hessian *h);
+
 #endif

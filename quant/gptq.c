@@ -1,0 +1,310 @@
+/* quant/gptq.c: Hessian accumulation and GPTQ with mixed-bit groups and EXL2 scales (CPU reference).
+ *
+ * GPTQ on W^T (Kp x N, rows = inputs) as ../shared/docs/conversion.md describes it: act order by diag(H),
+ * relative damping retried on a failed Cholesky, U = upper Cholesky factor of H^-1; groups are walked in
+ * order, each group's scales are found on the error-compensated weights, rows are quantized one by one
+ * with the error fed to the rest of the group, and after the group all later rows are updated at once
+ * (lazy batch, one sgemm). */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quant.h"
+
+/* LAPACK (in OpenBLAS), Fortran interface */
+extern void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
+extern void dpotri_(const char *uplo, const int *n, double *a, const int *lda, int *info);
+
+/* ---- Hessians ---- */
+int mb_hessian_init(struct mb_hessian *h, int64_t K) {
+    memset(h, 0, sizeof *h);
+    h->K = K;
+    h->H = calloc((size_t)(K * K), sizeof *h->H);
+    if (!h->H) return mb_fail(MB_ENOMEM, "out of memory for a %lld x %lld Hessian", (long long)K, (long long)K);
+    return 0;
+}
+
+void mb_hessian_free(struct mb_hessian *h) {
+    free(h->H);
+    memset(h, 0, sizeof *h);
+}
+
+int mb_hessian_add(struct mb_hessian *h, const float *x, int64_t M) {
+    const int64_t CH = 1024; /* rows per dsyrk call: bounds the f64 copy */
+    int64_t K = h->K;
+    double *xd = malloc((size_t)((M < CH ? M : CH) * K) * sizeof *xd);
+    if (!xd) return mb_fail(MB_ENOMEM, "out of memory");
+    for (int64_t r0 = 0; r0 < M; r0 += CH) {
+        int64_t m = M - r0 < CH ? M - r0 : CH;
+        for (int64_t i = 0; i < m * K; i++) xd[i] = x[r0 * K + i];
+        /* upper triangle of H += xd^T xd */
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)K, (blasint)m, 1.0, xd, (blasint)K, 1.0, h->H, (blasint)K);
+    }
+    free(xd);
+    h->count += M;
+    return 0;
+}
+
+int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b) {
+    if (a->K != b->K) return mb_fail(MB_EINVAL, "Hessians of different sizes (%lld, %lld)", (long long)a->K, (long long)b->K);
+    for (int64_t i = 0; i < a->K * a->K; i++) a->H[i] += b->H[i];
+    a->count += b->count;
+    return 0;
+}
+
+static const double *g_diag;
+static int cmp_diag_desc(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    if (g_diag[a] != g_diag[b]) return g_diag[a] > g_diag[b] ? -1 : 1;
+    return a < b ? -1 : a > b;
+}
+
+void mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm) {
+    double *d = malloc((size_t)h->K * sizeof *d);
+    for (int64_t i = 0; i < h->K; i++) { d[i] = h->H[i * h->K + i]; perm[i] = (int32_t)i; }
+    g_diag = d;
+    qsort(perm, (size_t)h->K, sizeof *perm, cmp_diag_desc);
+    g_diag = NULL;
+    free(d);
+}
+
+/* ---- GPTQ ---- */
+void mb_gptq_default_params(struct mb_gptq_params *p) {
+    memset(p, 0, sizeof *p);
+    p->damp = 0.12;
+    p->max_damp_tries = 10;
+    p->name = "layer";
+}
+
+void mb_qresult_free(struct mb_qresult *r) {
+    if (!r) return;
+    free(r->gbits); free(r->grows); free(r->q); free(r->qs); free(r->scale_max); free(r->perm); free(r->wq);
+    memset(r, 0, sizeof *r);
+}
+
+/* Scales of one group (rows R x N of wt, row stride N): qs [N] in 1..16 and the fp16 group maximum,
+ * by the multiplier search of the format doc: 97 multipliers in [0.70, 1.20] of the largest column scale,
+ * minimising sum |dequant(w) - w|^3.5. */
+static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *qs, uint16_t *smax_out, float *scale) {
+    float half_range = (float)((1 << b) - 1) / 2.0f;
+    int zero = 1 << (b - 1), maxq = (1 << b) - 1;
+    float *base = malloc((size_t)N * sizeof *base);
+    float qmax = 0;
+    for (int64_t n = 0; n < N; n++) {
+        float m = 0;
+        for (int64_t r = 0; r < R; r++) { float a = fabsf(wt[r * N + n]); if (a > m) m = a; }
+        base[n] = m / half_range;
+        if (base[n] > qmax) qmax = base[n];
+    }
+    if (!(qmax > 0)) qmax = 1e-6f; /* all-zero group: any scale works */
+    for (int64_t n = 0; n < N; n++) {
+        float v = rintf(16.0f * sqrtf(base[n] / qmax));
+        qs[n] = (uint8_t)(v < 1 ? 1 : v > 16 ? 16 : v);
+    }
+    double best = INFINITY;
+    uint16_t best_h = mb_f32_to_f16(qmax);
+    for (int i = 0; i < 97; i++) {
+        float p = 0.70f + 0.5f * (float)i / 96.0f;
+        uint16_t h = mb_f32_to_f16(qmax * p);
+        if (mb_f16_to_f32(h) == 0) continue;
+        double err = 0;
+#pragma omp parallel for reduction(+ : err) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float sc = mb_exl2_scale(qs[n] - 1, h), inv = 1.0f / sc;
+            double e = 0;
+            for (int64_t r = 0; r < R; r++) {
+                float w = wt[r * N + n];
+                float q = rintf(w * inv) + (float)zero;
+                q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
+                float d = fabsf((q - (float)zero) * sc - w);
+                e += (double)(d * d * d * sqrtf(d));
+            }
+            err += e;
+        }
+        if (err < best) { best = err; best_h = h; }
+    }
+    *smax_out = best_h;
+    for (int64_t n = 0; n < N; n++) scale[n] = mb_exl2_scale(qs[n] - 1, best_h);
+    free(base);
+}
+
+int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessian *h, const struct mb_qsetting *qset,
+                     const struct mb_gptq_params *p, struct mb_qresult *out) {
+    memset(out, 0, sizeof *out);
+    const char *name = p->name ? p->name : "layer";
+    if (h->K != K) return mb_fail(MB_EINVAL, "%s: Hessian is %lld x %lld for %lld inputs", name, (long long)h->K, (long long)h->K, (long long)K);
+    int64_t Kp = (K + 31) / 32 * 32;
+    if (Kp > 65535) return mb_fail(MB_EINVAL, "%s: %lld inputs exceed the EXL2 limit of 65535", name, (long long)K);
+    int rc = 0;
+    double *H = NULL;
+    float *U = NULL, *wt = NULL, *err = NULL, *scale = NULL;
+    out->K = K;
+    out->Kp = Kp;
+    out->N = N;
+    out->gbits = malloc((size_t)(Kp / 32) * sizeof *out->gbits);
+    out->grows = malloc((size_t)(Kp / 32) * sizeof *out->grows);
+    if (!out->gbits || !out->grows) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto fail; }
+    if ((rc = mb_qsetting_groups(qset, Kp, &out->G, out->gbits, out->grows))) { mb_fail_ctx(rc, "%s", name); goto fail; }
+    int G = out->G;
+    out->q = malloc((size_t)(Kp * N));
+    out->qs = malloc((size_t)(G * N));
+    out->scale_max = malloc((size_t)G * sizeof *out->scale_max);
+    out->perm = malloc((size_t)Kp * sizeof *out->perm);
+    out->wq = malloc((size_t)(N * K) * sizeof *out->wq);
+    H = calloc((size_t)(Kp * Kp), sizeof *H);
+    wt = malloc((size_t)(Kp * N) * sizeof *wt);
+    scale = malloc((size_t)N * sizeof *scale);
+    if (!out->q || !out->qs || !out->scale_max || !out->perm || !out->wq || !H || !wt || !scale) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+
+    /* normalized, symmetric, padded Hessian; act order */
+    double inv_n = h->count > 0 ? 1.0 / (double)h->count : 1.0;
+    for (int64_t i = 0; i < K; i++)
+        for (int64_t j = i; j < K; j++) H[i * Kp + j] = H[j * Kp + i] = h->H[i * K + j] * inv_n;
+    {
+        struct mb_hessian hp = {Kp, 1, H};
+        mb_hessian_act_order(&hp, out->perm);
+    }
+    /* permute H in place via a copy */
+    {
+        double *Hq = malloc((size_t)(Kp * Kp) * sizeof *Hq);
+        if (!Hq) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+        for (int64_t i = 0; i < Kp; i++)
+            for (int64_t j = 0; j < Kp; j++) Hq[i * Kp + j] = H[(int64_t)out->perm[i] * Kp + out->perm[j]];
+        free(H);
+        H = Hq;
+    }
+    for (int64_t j = 0; j < Kp; j++)
+        for (int64_t n = 0; n < N; n++) wt[j * N + n] = out->perm[j] < K ? w[n * K + out->perm[j]] : 0.0f;
+    double mean = 0;
+    for (int64_t i = 0; i < Kp; i++) {
+        if (H[i * Kp + i] <= 0) H[i * Kp + i] = 1.0; /* inputs never seen in calibration (and padding) */
+        mean += H[i * Kp + i];
+    }
+    mean /= (double)Kp;
+
+    if (!p->rtn) {
+        /* damping, Cholesky, inverse, upper Cholesky of the inverse (all f64) */
+        double *A = malloc((size_t)(Kp * Kp) * sizeof *A);
+        if (!A) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+        int ok = 0, n = (int)Kp, info = 0;
+        double damp = 0;
+        for (int t = 0; t < (p->max_damp_tries > 0 ? p->max_damp_tries : 1) && !ok; t++) {
+            damp += p->damp * mean;
+            memcpy(A, H, (size_t)(Kp * Kp) * sizeof *A);
+            for (int64_t i = 0; i < Kp; i++) A[i * Kp + i] += damp;
+            dpotrf_("U", &n, A, &n, &info);
+            if (info) continue;
+            dpotri_("U", &n, A, &n, &info);
+            if (info) continue;
+            /* A holds H^-1 in one triangle: symmetrize (column-major 'U' = row-major lower) */
+            for (int64_t i = 0; i < Kp; i++)
+                for (int64_t j = 0; j < i; j++) A[j * Kp + i] = A[i * Kp + j];
+            dpotrf_("L", &n, A, &n, &info); /* column-major lower L, H^-1 = L L^T; row-major view: U = L^T */
+            if (info) continue;
+            ok = 1;
+        }
+        if (!ok) { free(A); rc = mb_fail(MB_ENUMERIC, "%s: Hessian not positive definite after %d damping steps (damp %.3g)", name, p->max_damp_tries, damp); goto fail; }
+        out->damp_used = damp / mean;
+        /* column-major L(i,j) (i >= j) sits at A[i + j*Kp] = row-major (j, i): that is U(j, i) */
+        U = malloc((size_t)(Kp * Kp) * sizeof *U);
+        if (!U) { free(A); rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+        for (int64_t r = 0; r < Kp; r++)
+            for (int64_t c = 0; c < Kp; c++) U[r * Kp + c] = c >= r ? (float)A[r * Kp + c] : 0.0f;
+        free(A);
+    }
+    free(H);
+    H = NULL;
+
+    int64_t maxg = 0;
+    for (int g = 0; g < G; g++) if (out->grows[g] > maxg) maxg = out->grows[g];
+    err = malloc((size_t)(maxg * N) * sizeof *err);
+    if (!err) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+    int64_t r0 = 0;
+    for (int g = 0; g < G; g++) {
+        int b = out->gbits[g], zero = 1 << (b - 1), maxq = (1 << b) - 1;
+        int64_t R = out->grows[g], r1 = r0 + R;
+        find_scales(wt + r0 * N, R, N, b, out->qs + (int64_t)g * N, &out->scale_max[g], scale);
+        for (int64_t r = r0; r < r1; r++) {
+            float *row = wt + r * N, *e = err + (r - r0) * N;
+            float d = p->rtn ? 1.0f : U[r * Kp + r];
+            for (int64_t n = 0; n < N; n++) {
+                float q = rintf(row[n] / scale[n]) + (float)zero;
+                q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
+                out->q[r * N + n] = (uint8_t)q;
+                float dq = (q - (float)zero) * scale[n];
+                e[n] = (row[n] - dq) / d;
+                row[n] = dq;
+            }
+            if (p->rtn) continue;
+            /* feed the error to the rest of the group */
+            for (int64_t j = r + 1; j < r1; j++) {
+                float u = U[r * Kp + j];
+                float *wj = wt + j * N;
+                for (int64_t n = 0; n < N; n++) wj[n] -= u * e[n];
+            }
+        }
+        /* lazy batch: rows after the group, W[r1:] -= U[r0:r1, r1:]^T @ E */
+        if (!p->rtn && r1 < Kp)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)(Kp - r1), (blasint)N, (blasint)R, -1.0f, U + r0 * Kp + r1, (blasint)Kp,
+                        err, (blasint)N, 1.0f, wt + r1 * N, (blasint)N);
+        r0 = r1;
+    }
+    /* fake-quantized weights, original order */
+    for (int64_t j = 0; j < Kp; j++) {
+        int64_t o = out->perm[j];
+        if (o >= K) continue;
+        for (int64_t n = 0; n < N; n++) out->wq[n * K + o] = wt[j * N + n];
+    }
+    free(U); free(wt); free(err); free(scale);
+    return 0;
+fail:
+    free(H); free(U); free(wt); free(err); free(scale);
+    mb_qresult_free(out);
+    return rc;
+}
+
+int mb_qresult_pack(const struct mb_qresult *r, const char *name, struct mb_exl2_packed *out) {
+    int rc = mb_exl2_pack(r->Kp, r->N, r->G, r->gbits, r->grows, r->q, r->qs, r->scale_max, r->perm, out);
+    if (rc) return mb_fail_ctx(rc, "%s", name);
+    /* self-check: rebuild from the packed tensors */
+    struct mb_exl2_layer L;
+    mb_exl2_packed_view(out, &L);
+    L.K = r->K;
+    rc = mb_exl2_validate(&L, name);
+    float *wt = rc ? NULL : malloc((size_t)(r->K * r->N) * sizeof *wt);
+    if (!rc && !wt) rc = mb_fail(MB_ENOMEM, "out of memory");
+    if (!rc) rc = mb_exl2_unpack_wt(&L, wt);
+    for (int64_t k = 0; !rc && k < r->K; k++)
+        for (int64_t n = 0; n < r->N; n++) {
+            float a = wt[k * r->N + n], b = r->wq[n * r->K + k];
+            if (!(fabsf(a - b) <= 0.05f)) {
+                rc = mb_fail(MB_ENUMERIC, "%s: self-check failed: packed weight [%lld, %lld] = %g, fake-quantized %g", name, (long long)n, (long long)k, a, b);
+                break;
+            }
+        }
+    free(wt);
+    if (rc) mb_exl2_packed_free(out);
+    return rc;
+}
+
+double mb_output_error(const float *w, const float *wq, int64_t N, int64_t K, const struct mb_hessian *h) {
+    /* err^2 = sum_n d_n^T H d_n, ref^2 = sum_n w_n^T H w_n, with H symmetric from its upper triangle */
+    double e = NAN, ref = 0, num = 0;
+    double *Hs = malloc((size_t)(K * K) * sizeof *Hs);
+    double *D = calloc((size_t)(N * K), sizeof *D);
+    double *Wd = calloc((size_t)(N * K), sizeof *Wd);
+    double *T = malloc((size_t)(N * K) * sizeof *T);
+    if (!Hs || !D || !Wd || !T) goto out;
+    for (int64_t i = 0; i < K; i++)
+        for (int64_t j = i; j < K; j++) Hs[i * K + j] = Hs[j * K + i] = h->H[i * K + j];
+    for (int64_t i = 0; i < N * K; i++) { D[i] = (double)w[i] - wq[i]; Wd[i] = w[i]; }
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)N, (blasint)K, (blasint)K, 1.0, D, (blasint)K, Hs, (blasint)K, 0.0, T, (blasint)K);
+    for (int64_t i = 0; i < N * K; i++) num += D[i] * T[i];
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)N, (blasint)K, (blasint)K, 1.0, Wd, (blasint)K, Hs, (blasint)K, 0.0, T, (blasint)K);
+    for (int64_t i = 0; i < N * K; i++) ref += Wd[i] * T[i];
+    e = ref > 0 ? sqrt(num / ref) : 0;
+out:
+    free(Hs); free(D); free(Wd); free(T);
+    return e;
+}
