@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <jansson.h>
 
 #include "../convert/convert.h"
 #include "../kernels/kernels.h"
@@ -91,6 +93,103 @@ static int cmd_ppl(int argc, char **argv) {
     return finish(mb_ppl_cmd(&p));
 }
 
+/* ---- convert ---- */
+/* files shipped beside the binary (demo/), found through /proc/self/exe */
+static const char *beside_binary(const char *rel, char *buf, size_t n) {
+    char exe[4096];
+    ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (k <= 0) return NULL;
+    exe[k] = 0;
+    char *sl = strrchr(exe, '/');
+    if (!sl) return NULL;
+    *sl = 0;
+    for (int up = 0; up < 3; up++) { /* ./mixbit or build/mixbit */
+        snprintf(buf, n, "%.3000s/%s", exe, rel);
+        if (access(buf, R_OK) == 0) return buf;
+        sl = strrchr(exe, '/');
+        if (!sl) break;
+        *sl = 0;
+    }
+    return NULL;
+}
+
+static int cmd_convert(int argc, char **argv) {
+    struct mb_convert_params p;
+    mb_convert_default_params(&p);
+    int json = 0, no_eval = 0;
+    int64_t head_bits = p.head_bits, seed = (int64_t)p.seed;
+    double ckpt = p.checkpoint_interval;
+    const struct mb_opt opts[] = {
+        {"bpw", MB_OPT_DOUBLE, &p.bpw, "B", "target bits per weight of the decoder linears (default 3.5)"},
+        {"head-bits", MB_OPT_INT, &head_bits, "N", "bits of the output head: 2, 3, 4, 5, 6 (default) or 8"},
+        {"cal", MB_OPT_STR, &p.cal, "FILE", "calibration text: .txt / .jsonl / .gz or a directory (default: demo/calib.txt)"},
+        {"field", MB_OPT_STR, &p.cal_field, "NAME", "jsonl field holding the text (default text)"},
+        {"rows", MB_OPT_INT, &p.rows, "N", "calibration rows for quantization (default 100)"},
+        {"measure-rows", MB_OPT_INT, &p.mrows, "N", "calibration rows for measurement (default 16)"},
+        {"length", MB_OPT_INT, &p.length, "N", "tokens per row (default min(2048, max_position_embeddings))"},
+        {"measurement", MB_OPT_STR, &p.measurement, "FILE", "reuse a measurement.json and skip the measurement pass"},
+        {"eval", MB_OPT_STR, &p.eval, "FILE", "held-out text for perplexity before/after (default: demo/eval.txt)"},
+        {"eval-ctx", MB_OPT_INT, &p.eval_ctx, "N", "context for the before/after perplexity (default min(2048, max positions))"},
+        {"no-eval", MB_OPT_FLAG, &no_eval, NULL, "skip the before/after evaluation"},
+        {"shard-size", MB_OPT_INT, &p.shard_mb, "MB", "maximum shard size (default 8192)"},
+        {"max-memory", MB_OPT_INT, &p.max_memory_mb, "MB", "hidden states above this spill to disk (default: no limit)"},
+        {"min-expert-tokens", MB_OPT_INT, &p.min_expert_tokens, "N", "MoE: calibration rows guaranteed to every expert (default 5% / experts)"},
+        {"checkpoint-interval", MB_OPT_DOUBLE, &ckpt, "SEC", "seconds between checkpoints inside the passes (default 60, 0: every module)"},
+        {"fail-ppl-ratio", MB_OPT_DOUBLE, &p.fail_ppl_ratio, "X", "fail when perplexity after / before exceeds X (default 10, 0: never)"},
+        {"seed", MB_OPT_INT, &seed, "N", "seed for calibration sampling (default 1)"},
+        {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
+        {0},
+    };
+    const struct mb_cmd_spec spec = {"convert", "mixbit convert IN_DIR OUT_DIR [--bpw 3.5] [--cal FILE] [options]",
+                                     "Quantize a Hugging Face Llama / Mistral / Mixtral checkpoint to a mixed-bit EXL2 model.",
+                                     "Stages: calibration rows, per-module measurement of the option tables, bit allocation to the\n"
+                                     "target (exact knapsack), GPTQ with error propagation, EXL2 packing with a self-check, the output\n"
+                                     "directory, then perplexity and KL divergence before and after. The output is built in\n"
+                                     "OUT_DIR.partial and renamed when complete; rerunning the same command after an interruption\n"
+                                     "continues from the last checkpoint.\n"
+                                     "Example: mixbit convert demo/kjv-llama out/kjv-3.5bpw --bpw 3.5",
+                                     opts, 2, 2};
+    const char *pos[2];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    p.in = pos[0];
+    p.out = pos[1];
+    p.head_bits = (int)head_bits;
+    p.seed = (uint64_t)seed;
+    p.checkpoint_interval = ckpt;
+    char calb[4096], evb[4096];
+    if (!p.cal && !(p.cal = beside_binary("demo/calib.txt", calb, sizeof calb))) {
+        fprintf(stderr, "mixbit convert: no --cal given and the shipped demo/calib.txt was not found\n");
+        return 2;
+    }
+    p.cal_name = p.cal;
+    if (no_eval) p.eval = NULL;
+    else if (!p.eval && !(p.eval = beside_binary("demo/eval.txt", evb, sizeof evb))) {
+        fprintf(stderr, "mixbit convert: no --eval given and the shipped demo/eval.txt was not found (or use --no-eval)\n");
+        return 2;
+    }
+    json_t *rep = NULL;
+    int rc = mb_convert(&p, &rep);
+    if (rc) return finish(rc);
+    if (json) {
+        char *s = json_dumps(rep, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+        if (s) { puts(s); free(s); }
+    } else {
+        printf("converted %s -> %s\n", p.in, p.out);
+        printf("decoder bpw %.4f (target %.2f), head %d bits\n", json_real_value(json_object_get(rep, "decoder_bpw")), p.bpw, p.head_bits);
+        json_t *e = json_object_get(rep, "eval");
+        if (e) {
+            printf("perplexity before %.4f, after %.4f (x%.4f) on %s (%lld tokens, paper, ctx %lld)\n", json_real_value(json_object_get(e, "ppl_before")),
+                   json_real_value(json_object_get(e, "ppl_after")), json_real_value(json_object_get(e, "ppl_ratio")), json_string_value(json_object_get(e, "text")),
+                   (long long)json_integer_value(json_object_get(e, "tokens")), (long long)json_integer_value(json_object_get(e, "ctx")));
+            printf("KL divergence mean %.6f, p99 %.6f, same top-1 %.2f%%\n", json_real_value(json_object_get(e, "kld_mean")), json_real_value(json_object_get(e, "kld_p99")),
+                   json_real_value(json_object_get(e, "same_top1_percent")));
+        }
+    }
+    json_decref(rep);
+    return 0;
+}
+
 /* ---- gpu ---- */
 static int cmd_gpu(int argc, char **argv) {
     const struct mb_opt opts[] = {{0}};
@@ -113,6 +212,7 @@ struct command {
 
 static const struct command commands[] = {
     {"inspect", cmd_inspect, "show a model's architecture, sizes and tensors"},
+    {"convert", cmd_convert, "quantize a model to EXL2 and measure perplexity before and after"},
     {"tokenize", cmd_tokenize, "encode text to token ids, or decode ids"},
     {"ppl", cmd_ppl, "perplexity and KL divergence on a text"},
     {"gpu", cmd_gpu, "report CUDA build and GPU availability"},

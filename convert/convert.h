@@ -32,4 +32,27 @@ struct mb_ppl_cmd_params {
 /* Perplexity (and KL divergence) of a model on a text file; prints the result. */
 int mb_ppl_cmd(const struct mb_ppl_cmd_params *p);
 
+struct json_t;
+struct mb_convert_params {
+    const char *in, *out;
+    double bpw;            /* target decoder bits per weight (default 3.5) */
+    int head_bits;         /* 2, 3, 4, 5, 6 (default) or 8 */
+    const char *cal;       /* calibration text (txt / jsonl / gz / directory) */
+    const char *cal_field; /* jsonl field (default "text") */
+    const char *cal_name;  /* name recorded in config.json */
+    int64_t rows, length, mrows; /* quantization rows, row length, measurement rows (0: defaults) */
+    const char *eval;      /* held-out text for before/after (NULL: skip) */
+    int64_t eval_ctx, eval_tokens;
+    int64_t shard_mb;      /* default 8192 */
+    int64_t max_memory_mb; /* hidden states beyond this spill to disk (0: no limit) */
+    const char *measurement; /* reuse a measurement.json */
+    uint64_t seed;
+    double checkpoint_interval; /* seconds between checkpoints inside the passes (0: every module) */
+    int64_t min_expert_tokens;  /* MoE: rows guaranteed to every expert's Hessian (0: automatic) */
+    double fail_ppl_ratio;      /* fail when ppl after / before exceeds this (0: never) */
+};
+void mb_convert_default_params(struct mb_convert_params *p);
+/* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */
+int mb_convert(const struct mb_convert_params *p, struct json_t **report);
+
 #endif

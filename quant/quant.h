@@ -104,4 +104,24 @@ int mb_qresult_pack(const struct mb_qresult *r, const char *name, struct mb_exl2
 /* Relative output error ||X W^T - X Q^T||_F / ||X W^T||_F computed from H = X^T X. */
 double mb_output_error(const float *w, const float *wq, int64_t N, int64_t K, const struct mb_hessian *h);
 
+/* ------------------------------------------------------------------------------------------------ */
+/* bit allocation: one option per slot (a layer's attention or MLP), minimise the summed error under a  */
+/* bit budget (multiple-choice knapsack)                                                             */
+
+struct mb_alloc_slot {
+    int n;               /* options */
+    const int64_t *bits; /* [n] exact storage bits */
+    const double *err;   /* [n] measured error (1 - accuracy) */
+};
+/* Smallest and largest total bits over all choices. */
+void mb_alloc_range(const struct mb_alloc_slot *s, int ns, int64_t *min_bits, int64_t *max_bits);
+/* Exact dynamic program over bits in units of budget/100000 (costs rounded up, so the result fits),
+ * then a greedy pass that spends what is left on the best error-per-bit upgrades. choice [ns]. */
+int mb_alloc_solve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *choice);
+/* Simulated annealing baseline in the style of the reference converter (random single-slot moves,
+ * geometric cooling, best feasible kept, then the same greedy fill). */
+int mb_alloc_anneal(const struct mb_alloc_slot *s, int ns, int64_t budget, uint64_t seed, int iters, int *choice);
+/* Summed error and bits of a choice. */
+double mb_alloc_eval(const struct mb_alloc_slot *s, int ns, const int *choice, int64_t *bits);
+
 #endif
