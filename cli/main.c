@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <signal.h>
 #include <jansson.h>
 
 #include "../convert/convert.h"
@@ -137,6 +138,8 @@ static int cmd_convert(int argc, char **argv) {
         {"checkpoint-interval", MB_OPT_DOUBLE, &ckpt, "SEC", "seconds between checkpoints inside the passes (default 60, 0: every module)"},
         {"fail-ppl-ratio", MB_OPT_DOUBLE, &p.fail_ppl_ratio, "X", "fail when perplexity after / before exceeds X (default 10, 0: never)"},
         {"seed", MB_OPT_INT, &seed, "N", "seed for calibration sampling (default 1)"},
+        {"uniform", MB_OPT_STR, &p.uniform, "SETTING", "baseline: one setting (e.g. 1:4b_128g) for every projection, no measurement"},
+        {"rtn", MB_OPT_FLAG, &p.rtn, NULL, "baseline: round to nearest instead of GPTQ"},
         {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
         {0},
     };
@@ -227,6 +230,8 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    /* a file size limit (full disk simulation, quotas) makes writes fail with EFBIG instead of killing us */
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) { usage(stderr); return 2; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) { usage(stdout); return 0; }
     if (!strcmp(argv[1], "--version")) { printf("mixbit %s (%s)\n", MB_VERSION, mb_cuda_built() ? "CUDA" : "no CUDA"); return 0; }

@@ -302,14 +302,14 @@ static void proj_shape(const struct mb_config *c, int p, int64_t *N, int64_t *K)
     }
 }
 
-/* total bits of a module with table row `row` */
+/* total bits of a module with table row `row` (or the uniform baseline setting) */
 static int64_t module_bits(const struct conv *cv, int m, int row) {
     int projs[4], np = module_projs(cv, m, projs);
     int ne = m % 2 == 1 && cv->c->n_experts ? cv->c->n_experts : 1;
     int64_t total = 0;
     for (int pi = 0; pi < np; pi++) {
         struct mb_qsetting q;
-        mb_qsetting_parse(setting_of(m, row, pi), &q);
+        mb_qsetting_parse(cv->p->uniform && row < 0 ? cv->p->uniform : setting_of(m, row < 0 ? 0 : row, pi), &q);
         int64_t N, K;
         proj_shape(cv->c, projs[pi], &N, &K);
         total += (int64_t)ne * mb_qsetting_bits(&q, K, N, 0);
@@ -511,7 +511,7 @@ static int quant_module(struct conv *cv, struct mb_fwd *f, int m) {
     for (int pi = 0; pi < np && !rc; pi++)
         for (int e = 0; e < ne && !rc; e++) {
             struct mb_qsetting q;
-            mb_qsetting_parse(setting_of(m, row, pi), &q);
+            if ((rc = mb_qsetting_parse(cv->p->uniform ? cv->p->uniform : setting_of(m, row, pi), &q))) break;
             int64_t N, K;
             proj_shape(c, projs[pi], &N, &K);
             char ln[160];
@@ -519,6 +519,7 @@ static int quant_module(struct conv *cv, struct mb_fwd *f, int m) {
             struct mb_gptq_params gp;
             mb_gptq_default_params(&gp);
             gp.name = ln;
+            gp.rtn = cv->p->rtn;
             struct mb_qresult qr;
             float **slot = weight_slot(w, projs[pi], ne > 1 ? e : -1);
             if ((rc = mb_gptq_quantize(*slot, N, K, hess_for(&hs, m, projs[pi], ne > 1 ? e : -1), &q, &gp, &qr))) break;
@@ -568,6 +569,7 @@ static int quant_head(struct conv *cv, struct mb_fwd *f) {
     struct mb_gptq_params gp;
     mb_gptq_default_params(&gp);
     gp.name = "lm_head";
+    gp.rtn = cv->p->rtn;
     struct mb_qresult qr;
     if ((rc = mb_gptq_quantize(w, V, H, &h, &q, &gp, &qr))) goto out;
     struct mb_exl2_packed pk;
@@ -769,7 +771,7 @@ static int compile_output(struct conv *cv) {
     if (!rc) rc = mb_st_write_sharded(cv->part, "output", es.e, es.n, meta, 1, (size_t)cv->p->shard_mb * 1024 * 1024, &ns);
     if (!rc) rc = write_config(cv);
     if (!rc) rc = copy_side_files(cv);
-    if (!rc) {
+    if (!rc && !cv->p->uniform) {
         json_t *mj = measurement_json(cv);
         char p[4400];
         mb_path_join(p, sizeof p, cv->part, "measurement.json");
@@ -852,12 +854,23 @@ void mb_convert_default_params(struct mb_convert_params *p) {
 
 static void args_hash(const struct mb_convert_params *p, const char *in, char out[32]) {
     char buf[8192];
-    snprintf(buf, sizeof buf, "%s|%s|%.6f|%d|%s|%s|%lld|%lld|%lld|%lld|%s|%llu|%lld|%s", in, p->out, p->bpw, p->head_bits, p->cal ? p->cal : "",
+    snprintf(buf, sizeof buf, "%s|%s|%d|%s|%.6f|%d|%s|%s|%lld|%lld|%lld|%lld|%s|%llu|%lld|%s", p->uniform ? p->uniform : "", in, p->rtn, p->out, p->bpw, p->head_bits, p->cal ? p->cal : "",
              p->cal_field ? p->cal_field : "", (long long)p->rows, (long long)p->length, (long long)p->mrows, (long long)p->min_expert_tokens,
              p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION);
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *c = buf; *c; c++) { h ^= (uint8_t)*c; h *= 0x100000001b3ull; }
     snprintf(out, 32, "%016llx", (unsigned long long)h);
+}
+
+struct tokcount { const struct mb_tokenizer *t; int64_t n; };
+static int count_cb(const char *doc, size_t len, void *user) {
+    struct tokcount *tc = user;
+    int32_t *ids = NULL;
+    int64_t n = 0, cap = 0;
+    int rc = mb_tokenize(tc->t, doc, len, 0, 0, &ids, &n, &cap);
+    free(ids);
+    tc->n += n;
+    return rc;
 }
 
 static int rm_rf(const char *path) {
@@ -891,7 +904,11 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     /* the budget: reachable range first, before any work */
     for (int i = 0; i < cv->m->n_ex; i++) if (cv->m->ex[i].kind == MB_T_LINEAR) cv->decoder_numel += cv->m->ex[i].rows * cv->m->ex[i].cols;
     g_extra = 0;
-    for (int pass = 0; pass < 2; pass++) {
+    if (p->uniform) {
+        struct mb_qsetting uq;
+        if ((rc = mb_qsetting_parse(p->uniform, &uq))) goto out;
+    }
+    for (int pass = 0; pass < 2 && !p->uniform; pass++) {
         int64_t lo = 0, hi = 0;
         for (int m = 0; m < cv->nmod; m++) {
             int64_t a = INT64_MAX, b = 0;
@@ -904,17 +921,26 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
             g_extra = 1;
             continue;
         }
-        if (g_extra) mb_warn("--bpw %.3f is below the reference tables' range for this small model; adding the option %s to both tables", p->bpw, EXTRA_SETTING);
         if (!(p->bpw >= blo && p->bpw <= bhi)) {
             rc = mb_fail(MB_ERANGE, "--bpw %.3f is outside the reachable range %.3f .. %.3f for this model", p->bpw, ceil(blo * 1000) / 1000, floor(bhi * 1000) / 1000);
             goto out;
         }
+        if (g_extra) mb_warn("--bpw %.3f is below the reference tables' range for this model; adding the option %s to both tables", p->bpw, EXTRA_SETTING);
         break;
     }
     /* calibration geometry: reference defaults (16 / 100 rows of 2048 tokens), shorter rows for shorter contexts */
     cv->L = p->length > 0 ? p->length : (cv->c->max_pos < 2048 ? cv->c->max_pos : 2048);
     cv->Rq = p->rows > 0 ? p->rows : 100;
     cv->Rm = p->mrows > 0 ? p->mrows : 16;
+    if ((p->rows <= 0 || p->mrows <= 0) && !mb_is_dir(cv->part)) {
+        /* a short calibration text: fewer rows (each text token in about two rows) instead of many copies */
+        struct tokcount tc = {cv->tok, 0};
+        if ((rc = mb_dataset_read(p->cal, p->cal_field, count_cb, &tc))) goto out;
+        int64_t cap = 2 * tc.n / cv->L;
+        if (cap < 4) cap = 4;
+        if (p->rows <= 0 && cv->Rq > cap) { mb_info("calibration text has %lld tokens: %lld quantization rows instead of %lld", (long long)tc.n, (long long)cap, (long long)cv->Rq); cv->Rq = cap; }
+        if (p->mrows <= 0 && cv->Rm > cap) cv->Rm = cap;
+    }
     cv->chunk_rows = cv->L * ((4096 + cv->L - 1) / cv->L);
     if (!p->min_expert_tokens && cv->c->n_experts) {
         struct mb_convert_params *pw = (struct mb_convert_params *)p;
@@ -950,7 +976,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
         free(a);
         free(b);
         if ((rc = mb_write_file_atomic(rp, cv->rows_m, (size_t)nrows_total * 4))) goto out;
-        cv->stage = p->measurement ? ST_QUANT : ST_MEASURE;
+        cv->stage = p->measurement || p->uniform ? ST_QUANT : ST_MEASURE;
         cv->next_module = -1; /* states not yet embedded */
         if (p->measurement && (rc = load_measurement(cv, p->measurement))) goto out;
         if ((rc = save_state(cv))) goto out;
@@ -983,7 +1009,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
         cv->t_measure = mb_now() - t0;
         if ((rc = save_state(cv))) goto out;
     }
-    if ((rc = allocate(cv, 1))) goto out;
+    if (!p->uniform && (rc = allocate(cv, 1))) goto out;
 
     /* quantization */
     if (cv->stage == ST_QUANT) {
@@ -1022,7 +1048,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     /* report */
     {
         int64_t used = 0;
-        for (int m = 0; m < cv->nmod; m++) used += module_bits(cv, m, cv->choice[m]);
+        for (int m = 0; m < cv->nmod; m++) used += module_bits(cv, m, p->uniform ? -1 : cv->choice[m]);
         json_object_set_new(report, "model", json_string(p->in));
         json_object_set_new(report, "output", json_string(p->out));
         json_object_set_new(report, "architecture", json_string(cv->c->arch_name));
@@ -1033,6 +1059,8 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
         json_object_set_new(report, "rows", json_integer(cv->Rq));
         json_object_set_new(report, "measurement_rows", json_integer(cv->Rm));
         json_object_set_new(report, "length", json_integer(cv->L));
+        if (p->uniform) json_object_set_new(report, "uniform", json_string(p->uniform));
+        json_object_set_new(report, "rtn", json_boolean(p->rtn));
         json_object_set_new(report, "allocation_error_sum", json_real(cv->alloc_err));
         json_object_set_new(report, "annealing_error_sum", json_real(cv->sa_err));
         json_t *ch = json_array();

@@ -50,6 +50,8 @@ struct mb_convert_params {
     double checkpoint_interval; /* seconds between checkpoints inside the passes (0: every module) */
     int64_t min_expert_tokens;  /* MoE: rows guaranteed to every expert's Hessian (0: automatic) */
     double fail_ppl_ratio;      /* fail when ppl after / before exceeds this (0: never) */
+    const char *uniform;        /* baseline: this setting for every projection, no measurement */
+    int rtn;                    /* baseline: round to nearest (no GPTQ error feedback) */
 };
 void mb_convert_default_params(struct mb_convert_params *p);
 /* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */

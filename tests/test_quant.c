@@ -67,15 +67,23 @@ static void test_goldens(void) {
         CHECK(qv && qs && sm && pm && gb && gr && nc);
         if (!(qv && qs && sm && pm && gb && gr && nc)) { mb_st_close(sf); continue; }
         int64_t K = qv->shape[0], N = qv->shape[1], G = gb->shape[0];
-        CHECK_EQ(N, ((const int32_t *)nc->data)[0]);
+        /* the golden file's data is not 4-byte aligned: copy out */
+#define I32AT(t, i) ({ int32_t v_; memcpy(&v_, (const char *)(t)->data + 4 * (i), 4); v_; })
+        CHECK_EQ(N, I32AT(nc, 0));
         uint8_t *q = malloc(K * N), *s = malloc(G * N);
         int *bits = malloc(G * sizeof *bits);
         int64_t *rows = malloc(G * sizeof *rows);
-        for (int64_t i = 0; i < K * N; i++) q[i] = (uint8_t)((const int32_t *)qv->data)[i];
-        for (int64_t i = 0; i < G * N; i++) s[i] = (uint8_t)((const int32_t *)qs->data)[i];
-        for (int64_t g = 0; g < G; g++) { bits[g] = ((const int32_t *)gb->data)[g]; rows[g] = ((const int32_t *)gr->data)[g]; widths_seen[bits[g]] = 1; }
+        int32_t *perm = malloc(K * sizeof *perm);
+        uint16_t *smax = malloc(G * sizeof *smax);
+        memcpy(perm, pm->data, K * 4);
+        memcpy(smax, sm->data, G * 2);
+        for (int64_t i = 0; i < K * N; i++) q[i] = (uint8_t)I32AT(qv, i);
+        for (int64_t i = 0; i < G * N; i++) s[i] = (uint8_t)I32AT(qs, i);
+        for (int64_t g = 0; g < G; g++) { bits[g] = I32AT(gb, g); rows[g] = I32AT(gr, g); widths_seen[bits[g]] = 1; }
         struct mb_exl2_packed pk;
-        int rc = mb_exl2_pack(K, N, (int)G, bits, rows, q, s, sm->data, pm->data, &pk);
+        int rc = mb_exl2_pack(K, N, (int)G, bits, rows, q, s, smax, perm, &pk);
+        free(perm);
+        free(smax);
         CHECK_MSG(rc == 0, "%s: %s", names[f], mb_errmsg());
         if (rc == 0) {
             const struct mb_tensor_info *e;
@@ -101,7 +109,7 @@ static void test_goldens(void) {
         float *wt = malloc(K * N * sizeof *wt);
         CHECK_EQ(mb_exl2_unpack_wt(&L, wt), 0);
         int bad = 0;
-        for (int64_t i = 0; i < K * N; i++) bad += wt[i] != ((const float *)dw->data)[i];
+        for (int64_t i = 0; i < K * N; i++) { float v; memcpy(&v, (const char *)dw->data + 4 * i, 4); bad += wt[i] != v; }
         CHECK_MSG(bad == 0, "%s: %d of %lld dense values differ", names[f], bad, (long long)(K * N));
 #undef T
         free(wt); free(q); free(s); free(bits); free(rows);

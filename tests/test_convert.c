@@ -1,0 +1,231 @@
+/* tests/test_convert.c: `mixbit convert` end to end on the small models: output layout and an
+ * independent check of every EXL2 layer, bpw within 0.02 of the target, kill -9 + resume giving
+ * byte-identical output, measurement reuse, and clear failures (unreachable bpw, unsupported
+ * architecture, missing tokenizer, full disk) that leave nothing under the final name. */
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../calib/calib.h"
+#include "../quant/quant.h"
+#include "harness.h"
+
+static char tmpdir[256];
+
+static const char *mixbit(void) {
+    const char *m = getenv("MIXBIT");
+    return m ? m : "./mixbit";
+}
+
+/* run a command through bash; returns the exit code (128+signal when killed); stderr captured */
+static int run(const char *cmd, char *err, size_t errsz) {
+    char full[4096], ef[300];
+    snprintf(ef, sizeof ef, "%s/stderr.txt", tmpdir);
+    snprintf(full, sizeof full, "bash -c '%s' >/dev/null 2>%s", cmd, ef);
+    int st = system(full);
+    if (err) {
+        err[0] = 0;
+        FILE *f = fopen(ef, "r");
+        if (f) { size_t n = fread(err, 1, errsz - 1, f); err[n] = 0; fclose(f); }
+    }
+    if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+}
+
+static int files_equal(const char *a, const char *b) {
+    char *x, *y;
+    size_t nx, ny;
+    if (mb_read_file(a, &x, &nx, 0)) return 0;
+    if (mb_read_file(b, &y, &ny, 0)) { free(x); return 0; }
+    int eq = nx == ny && memcmp(x, y, nx) == 0;
+    free(x);
+    free(y);
+    return eq;
+}
+
+static double report_num(const char *dir, const char *key) {
+    char p[512], *t;
+    size_t n;
+    snprintf(p, sizeof p, "%s/mixbit-report.json", dir);
+    if (mb_read_file(p, &t, &n, 0)) return NAN;
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    char *h = strstr(t, pat);
+    double v = h ? strtod(h + strlen(pat), NULL) : NAN;
+    free(t);
+    return v;
+}
+
+#define SMALL "--rows 12 --measure-rows 6 --length 128 --eval-ctx 128 -q"
+
+/* every quantized layer: valid structure, and its weights close to the source model's */
+static void check_layers(const char *src, const char *out) {
+    struct mb_model *a = NULL, *q = NULL;
+    CHECK_EQ(mb_model_open(src, &a), 0);
+    CHECK_MSG(mb_model_open(out, &q) == 0, "%s", mb_errmsg());
+    if (!a || !q) { mb_model_close(a); mb_model_close(q); return; }
+    CHECK(q->cfg.is_exl2);
+    int nq = 0;
+    for (int i = 0; i < q->n_ex; i++) {
+        const struct mb_expect *e = &q->ex[i];
+        if (e->kind != MB_T_LINEAR) continue;
+        struct mb_exl2_layer L;
+        int rc = mb_exl2_from_set(q->st, e->name, e->rows, e->cols, &L);
+        CHECK_MSG(rc == 0, "%s: %s", e->name, mb_errmsg());
+        if (rc) continue;
+        nq++;
+        float *w0 = malloc(e->rows * e->cols * sizeof *w0), *w1 = malloc(e->rows * e->cols * sizeof *w1);
+        CHECK_EQ(mb_weight_f32(a, e->name, e->rows, e->cols, w0), 0);
+        CHECK_EQ(mb_exl2_load_dense(q->st, e->name, e->rows, e->cols, w1), 0);
+        double d = 0, n = 0;
+        for (int64_t k = 0; k < e->rows * e->cols; k++) { d += (w1[k] - w0[k]) * (double)(w1[k] - w0[k]); n += (double)w0[k] * w0[k]; }
+        CHECK_MSG(sqrt(d / n) < 0.5, "%s: relative weight error %.3f", e->name, sqrt(d / n));
+        free(w0);
+        free(w1);
+    }
+    CHECK(nq > 0);
+    CHECK(mb_st_find(q->st, "lm_head.q_weight") != NULL);
+    CHECK(mb_st_find(q->st, "model.embed_tokens.weight") && mb_st_find(q->st, "model.embed_tokens.weight")->dtype == MB_F16);
+    mb_model_close(a);
+    mb_model_close(q);
+}
+
+static void test_convert_models(void) {
+    const char *models[] = {"stories260K", "stories260K-moe4"};
+    for (int i = 0; i < 2; i++) {
+        char cmd[2048], out[512], err[8192], src[512];
+        snprintf(src, sizeof src, "%s/models/%s", th_shared(), models[i]);
+        snprintf(out, sizeof out, "%s/%s-3.5", tmpdir, models[i]);
+        snprintf(cmd, sizeof cmd, "%s convert %s %s --bpw 3.5 --cal %s/text/tinystories-sample.txt --eval %s/text/tinystories-sample.txt " SMALL,
+                 mixbit(), src, out, th_shared(), th_shared());
+        int ec = run(cmd, err, sizeof err);
+        CHECK_MSG(ec == 0, "%s: exit %d: %s", models[i], ec, err);
+        if (ec) continue;
+        double bpw = report_num(out, "decoder_bpw");
+        CHECK_MSG(fabs(bpw - 3.5) <= 0.02, "%s: decoder bpw %.4f", models[i], bpw);
+        char p[600];
+        snprintf(p, sizeof p, "%s.partial", out);
+        CHECK(!mb_is_dir(p));
+        const char *files[] = {"output.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "measurement.json", "mixbit-report.json"};
+        for (int k = 0; k < 6; k++) {
+            snprintf(p, sizeof p, "%s/%s", out, files[k]);
+            CHECK_MSG(mb_file_exists(p), "%s missing", p);
+        }
+        check_layers(src, out);
+        double before = report_num(out, "ppl_before"), after = report_num(out, "ppl_after");
+        CHECK(before > 1 && after > 1);
+        fprintf(stderr, "  %s at 3.5 bpw: decoder %.4f bpw, ppl %.3f -> %.3f\n", models[i], bpw, before, after);
+        /* the output evaluates with mixbit ppl and shows up in inspect */
+        snprintf(cmd, sizeof cmd, "%s ppl %s --text %s/text/tinystories-sample.txt --ctx 128 -q", mixbit(), out, th_shared());
+        CHECK_EQ(run(cmd, err, sizeof err), 0);
+        snprintf(cmd, sizeof cmd, "%s inspect %s --summary | grep -q \"quantized layer\"", mixbit(), out);
+        CHECK_EQ(run(cmd, err, sizeof err), 0);
+        if (i == 1) { /* MoE: tokens per expert reported */
+            snprintf(p, sizeof p, "%s/mixbit-report.json", out);
+            char *t;
+            size_t n;
+            CHECK_EQ(mb_read_file(p, &t, &n, 0), 0);
+            CHECK(strstr(t, "\"expert_tokens\"") != NULL);
+            free(t);
+        }
+    }
+}
+
+/* kill -9 in the middle of measurement and of quantization, resume, compare with an uninterrupted run */
+static void test_kill_resume(void) {
+    char src[512], ref[512], out[512], cmd[2048], err[8192], a[700], b[700];
+    snprintf(src, sizeof src, "%s/models/stories260K-moe4", th_shared());
+    snprintf(ref, sizeof ref, "%s/ref", tmpdir);
+    const char *common = "--bpw 4.5 --no-eval --checkpoint-interval 0 " SMALL;
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt %s", mixbit(), src, ref, th_shared(), common);
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    const char *kills[] = {"measure:3", "quant:5", "measure:0"};
+    const char *intervals[] = {"", "--checkpoint-interval 60", ""};
+    for (int k = 0; k < 3; k++) {
+        snprintf(out, sizeof out, "%s/killed%d", tmpdir, k);
+        snprintf(cmd, sizeof cmd, "MB_TEST_KILL=%s %s convert %s %s --cal %s/text/tinystories-sample.txt %s %s", kills[k], mixbit(), src, out, th_shared(), common,
+                 intervals[k]);
+        int ec = run(cmd, err, sizeof err);
+        CHECK_MSG(ec == 128 + 9, "kill at %s: exit %d", kills[k], ec);
+        CHECK(!mb_is_dir(out));
+        snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt %s %s", mixbit(), src, out, th_shared(), common, intervals[k]);
+        ec = run(cmd, err, sizeof err);
+        CHECK_MSG(ec == 0, "resume after %s: exit %d: %s", kills[k], ec, err);
+        const char *files[] = {"output.safetensors", "measurement.json"};
+        for (int f = 0; f < 2; f++) {
+            snprintf(a, sizeof a, "%s/%s", ref, files[f]);
+            snprintf(b, sizeof b, "%s/%s", out, files[f]);
+            CHECK_MSG(files_equal(a, b), "%s differs after kill at %s and resume", files[f], kills[k]);
+        }
+    }
+    /* a rerun with other options does not touch a pending conversion */
+    snprintf(out, sizeof out, "%s/pending", tmpdir);
+    snprintf(cmd, sizeof cmd, "MB_TEST_KILL=quant:0 %s convert %s %s --cal %s/text/tinystories-sample.txt %s", mixbit(), src, out, th_shared(), common);
+    CHECK_EQ(run(cmd, err, sizeof err), 137);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 5 --no-eval " SMALL, mixbit(), src, out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK(strstr(err, "other options") != NULL);
+    /* measurement reuse: another target from the same measurement.json, no measurement pass */
+    snprintf(out, sizeof out, "%s/reuse", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 5.5 --no-eval --measurement %s/measurement.json " SMALL " -v",
+             mixbit(), src, out, th_shared(), ref);
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    CHECK(strstr(err, "measuring") == NULL);
+    double bpw = report_num(out, "decoder_bpw");
+    CHECK_MSG(fabs(bpw - 5.5) <= 0.02, "reuse: %.4f", bpw);
+}
+
+static void test_failures(void) {
+    char cmd[2048], err[8192], out[512], p[700], dir[512];
+    /* unreachable target: immediate, with the range */
+    snprintf(out, sizeof out, "%s/unreach", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/kjv-llama %s --bpw 1.5 --cal %s/text/calib-kjv-jargon.txt --no-eval", mixbit(), th_shared(), out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "outside the reachable range 2.2") != NULL && !strstr(err, "warning"), "%s", err);
+    snprintf(p, sizeof p, "%s.partial", out);
+    CHECK(!mb_is_dir(out) && !mb_is_dir(p));
+    /* unsupported architecture */
+    snprintf(dir, sizeof dir, "%s/gpt2", tmpdir);
+    mb_mkdir_p(dir);
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    FILE *f = fopen(p, "w");
+    fputs("{\"architectures\": [\"GPT2LMHeadModel\"], \"n_embd\": 64}", f);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s/o1 --cal %s/text/calib-kjv-jargon.txt --no-eval", mixbit(), dir, tmpdir, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK(strstr(err, "GPT2LMHeadModel") && strstr(err, "LlamaForCausalLM"));
+    /* missing tokenizer: a copy of stories260K without tokenizer.json */
+    snprintf(dir, sizeof dir, "%s/notok", tmpdir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s && cp %s/models/stories260K/config.json %s/models/stories260K/model.safetensors %s/", dir, th_shared(), th_shared(), dir);
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    snprintf(out, sizeof out, "%s/o2", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), dir, out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "tokenizer") != NULL, "%s", err);
+    snprintf(p, sizeof p, "%s.partial", out);
+    CHECK(!mb_is_dir(out) && !mb_is_dir(p));
+    /* full disk, simulated with a file size limit: a clear error and nothing under the final name */
+    snprintf(out, sizeof out, "%s/o3", tmpdir);
+    snprintf(cmd, sizeof cmd, "ulimit -f 200; %s convert %s/models/stories260K %s --bpw 4 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(),
+             out, th_shared());
+    int ec = run(cmd, err, sizeof err);
+    CHECK_EQ(ec, 1);
+    CHECK_MSG(strstr(err, "File too large") || strstr(err, "No space"), "%s", err);
+    CHECK(!mb_is_dir(out));
+    /* an existing output directory is not overwritten */
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), th_shared(), tmpdir, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK(strstr(err, "already exists") != NULL);
+}
+
+int main(void) {
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/mb_test_convert_XXXXXX");
+    if (!mkdtemp(tmpdir)) return 1;
+    RUN(test_convert_models);
+    RUN(test_kill_resume);
+    RUN(test_failures);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    if (system(cmd)) {}
+    TEST_MAIN_END();
+}
