@@ -6,6 +6,7 @@
 #   make check        what CI runs: make test (default build) then make asan
 #   make asan         the tests under AddressSanitizer + UBSan (CPU code; CUDA=0)
 #   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
+#   make bench-gpu    on a GPU machine: GPU tests, compute-sanitizer and the kernel benchmark in one go
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
 #   make bench        build the benchmarks in bench/
 #   make clean
@@ -20,7 +21,7 @@ CC ?= cc
 # fighting it, and runs single-threaded when called inside a parallel region
 BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
 BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
-BUILD ?= build
+BUILD ?= build$(if $(filter 0,$(CUDA)),-nocuda)
 OPT ?= -O2 -march=x86-64-v2 -mtune=native
 SAN ?=
 CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I$(BLAS_INC)
@@ -46,7 +47,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c)
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test fuzz bench clean
+.PHONY: all test check asan gpu-test bench-gpu fuzz bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -89,8 +90,18 @@ asan:
 
 gpu-test: $(BUILD)/tests/test_kernels
 	MB_REQUIRE_GPU=1 $(BUILD)/tests/test_kernels
-	command -v compute-sanitizer >/dev/null && compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick || \
-		$(CUDA_HOME)/bin/compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick
+	PATH=$$PATH:$(CUDA_HOME)/bin compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick
+
+# One command for a lent GPU machine: GPU tests, compute-sanitizer, the kernel benchmark. Results go to
+# $(GPU_OUT) (default bench/gpu-out): test log, sanitizer log, bench_kernels.md.
+GPU_OUT ?= $(if $(OUT),$(OUT),bench/gpu-out)
+bench-gpu: $(BUILD)/tests/test_kernels $(BUILD)/bench/bench_kernels
+	@mkdir -p $(GPU_OUT)
+	nvidia-smi > $(GPU_OUT)/nvidia-smi.txt 2>&1 || true
+	MB_REQUIRE_GPU=1 $(BUILD)/tests/test_kernels > $(GPU_OUT)/gpu-test.log 2>&1; echo "exit $$?" >> $(GPU_OUT)/gpu-test.log
+	PATH=$$PATH:$(CUDA_HOME)/bin compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick > $(GPU_OUT)/sanitizer.log 2>&1; echo "exit $$?" >> $(GPU_OUT)/sanitizer.log
+	$(BUILD)/bench/bench_kernels > $(GPU_OUT)/bench_kernels.md 2>&1; echo "exit $$?" >> $(GPU_OUT)/bench_kernels.md
+	tail -3 $(GPU_OUT)/gpu-test.log $(GPU_OUT)/sanitizer.log; cat $(GPU_OUT)/bench_kernels.md
 
 FUZZ_SECONDS ?= 60
 fuzz:
@@ -102,6 +113,6 @@ fuzz:
 bench: $(BENCH_BIN)
 
 clean:
-	rm -rf build build-asan mixbit fuzz
+	rm -rf build build-nocuda build-asan mixbit fuzz
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

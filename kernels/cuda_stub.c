@@ -7,3 +7,19 @@ int mb_cuda_probe(char *name, size_t name_len) {
     if (name && name_len) name[0] = 0;
     return mb_fail(MB_ENOCUDA, "built without CUDA (rebuild with nvcc available and CUDA=1)");
 }
+
+#define NOCUDA return mb_fail(MB_ENOCUDA, "built without CUDA (rebuild with nvcc available and CUDA=1)")
+int mb_cuda_malloc(void **p, size_t bytes) { (void)bytes; *p = NULL; NOCUDA; }
+void mb_cuda_free(void *p) { (void)p; }
+int mb_cuda_h2d(void *dst_d, const void *src, size_t bytes) { (void)dst_d; (void)src; (void)bytes; NOCUDA; }
+int mb_cuda_d2h(void *dst, const void *src_d, size_t bytes) { (void)dst; (void)src_d; (void)bytes; NOCUDA; }
+int mb_cuda_memset(void *p_d, int byte, size_t bytes) { (void)p_d; (void)byte; (void)bytes; NOCUDA; }
+int mb_cuda_sync(void) { NOCUDA; }
+int mb_cuda_copy_bandwidth(size_t bytes, int iters, double *g) { (void)bytes; (void)iters; *g = 0; NOCUDA; }
+int mb_exl2_dev_upload(const struct mb_exl2_layer *L, struct mb_exl2_dev **out) { (void)L; *out = NULL; NOCUDA; }
+void mb_exl2_dev_free(struct mb_exl2_dev *d) { (void)d; }
+int mb_exl2_dev_dequant(const struct mb_exl2_dev *d, uint16_t *wt_d, void *s) { (void)d; (void)wt_d; (void)s; NOCUDA; }
+int mb_exl2_dev_gemm_small(const struct mb_exl2_dev *d, const uint16_t *x, int64_t M, void *y, int f, void *s) { (void)d; (void)x; (void)M; (void)y; (void)f; (void)s; NOCUDA; }
+int mb_exl2_dev_gemm_large(const struct mb_exl2_dev *d, const uint16_t *x, int64_t M, void *y, int f, void *s) { (void)d; (void)x; (void)M; (void)y; (void)f; (void)s; NOCUDA; }
+int mb_exl2_dev_gemm(const struct mb_exl2_dev *d, const uint16_t *x, int64_t M, void *y, int f, void *s) { (void)d; (void)x; (void)M; (void)y; (void)f; (void)s; NOCUDA; }
+int mb_cuda_gemm_f16(const uint16_t *x, const uint16_t *w, int64_t M, int64_t K, int64_t N, void *y, int f, void *s) { (void)x; (void)w; (void)M; (void)K; (void)N; (void)y; (void)f; (void)s; NOCUDA; }

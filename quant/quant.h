@@ -124,4 +124,8 @@ int mb_alloc_anneal(const struct mb_alloc_slot *s, int ns, int64_t budget, uint6
 /* Summed error and bits of a choice. */
 double mb_alloc_eval(const struct mb_alloc_slot *s, int ns, const int *choice, int64_t *bits);
 
+/* A random EXL2 layer with the groups of `setting` (K a multiple of 32): random values, sub-scales, group
+ * maxima around `scale` and a random permutation. For kernel tests and benchmarks. */
+int mb_exl2_random(int64_t K, int64_t N, const char *setting, uint64_t seed, struct mb_exl2_packed *out);
+
 #endif

@@ -129,3 +129,38 @@ int64_t mb_qsetting_bits(const struct mb_qsetting *q, int64_t K, int64_t N, int 
     if (bias) total += 16 * Np;
     return total;
 }
+
+int mb_exl2_random(int64_t K, int64_t N, const char *setting, uint64_t seed, struct mb_exl2_packed *out) {
+    struct mb_qsetting q;
+    int rc = mb_qsetting_parse(setting, &q);
+    if (rc) return rc;
+    if (K % 32) return mb_fail(MB_EINVAL, "random layer: K %lld is not a multiple of 32", (long long)K);
+    int G, *bits = malloc((size_t)(K / 32) * sizeof *bits);
+    int64_t *rows = malloc((size_t)(K / 32) * sizeof *rows);
+    uint8_t *qv = malloc((size_t)(K * N)), *qs = NULL;
+    uint16_t *smax = NULL;
+    int32_t *perm = malloc((size_t)K * sizeof *perm);
+    if (!bits || !rows || !qv || !perm) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
+    if ((rc = mb_qsetting_groups(&q, K, &G, bits, rows))) goto out;
+    qs = malloc((size_t)(G * N));
+    smax = malloc((size_t)G * sizeof *smax);
+    if (!qs || !smax) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
+    struct mb_rng g = {seed};
+    int64_t r0 = 0;
+    for (int gi = 0; gi < G; gi++) {
+        for (int64_t r = r0; r < r0 + rows[gi]; r++)
+            for (int64_t n = 0; n < N; n++) qv[r * N + n] = (uint8_t)(mb_rng_next(&g) % (1u << bits[gi]));
+        for (int64_t n = 0; n < N; n++) qs[gi * N + n] = (uint8_t)(1 + mb_rng_next(&g) % 16);
+        smax[gi] = mb_f32_to_f16(0.01f * (float)(1.0 + mb_rng_uniform(&g)));
+        r0 += rows[gi];
+    }
+    for (int64_t i = 0; i < K; i++) perm[i] = (int32_t)i;
+    for (int64_t i = K - 1; i > 0; i--) {
+        int64_t j = (int64_t)(mb_rng_next(&g) % (uint64_t)(i + 1));
+        int32_t t = perm[i]; perm[i] = perm[j]; perm[j] = t;
+    }
+    rc = mb_exl2_pack(K, N, G, bits, rows, qv, qs, smax, perm, out);
+out:
+    free(bits); free(rows); free(qv); free(qs); free(smax); free(perm);
+    return rc;
+}
