@@ -22,7 +22,7 @@ CC ?= cc
 BLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-openmp
 BLAS_INC ?= /usr/include/x86_64-linux-gnu/openblas-openmp
 BUILD ?= build$(if $(filter 0,$(CUDA)),-nocuda)
-OPT ?= -O2 -march=x86-64-v2 -mtune=native
+OPT ?= -O2 -march=native -fno-math-errno
 SAN ?=
 CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I$(BLAS_INC)
 LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
@@ -60,11 +60,11 @@ $(BUILD)/libmixbit.a: $(LIB_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/%.o: %.c
+$(BUILD)/%.o: %.c Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
-$(BUILD)/%.o: %.cu
+$(BUILD)/%.o: %.cu Makefile
 	@mkdir -p $(dir $@)
 	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-fPIC -MMD -MP -c -o $@ $<
 

@@ -141,6 +141,10 @@ void mb_ppl_default_params(struct mb_ppl_params *p);
 /* Evaluate a token stream ids [n] (BOS first, as the conventions expect). */
 int mb_ppl_run(const struct mb_model *m, const int32_t *ids, int64_t n, uint64_t tokenizer_hash, const struct mb_ppl_params *p,
                struct mb_ppl_result *r);
+/* The same on a text file, tokenized as it streams: memory stays bounded by one batch of windows, whatever
+ * the text's length (the p99 of the KLD comes from a 0.42%-resolution histogram). */
+int mb_ppl_run_file(const struct mb_model *m, const struct mb_tokenizer *t, const char *path, const struct mb_ppl_params *p,
+                    struct mb_ppl_result *r);
 /* Forward one sequence ids [T] and return nll [T-1] of each next token (argmax [T-1] optional). */
 int mb_seq_nll(const struct mb_model *m, const struct mb_ops *ops, const int32_t *ids, int64_t T, double *nll, int32_t *argmax);
 

@@ -133,7 +133,7 @@ static int cmd_convert(int argc, char **argv) {
         {"eval-ctx", MB_OPT_INT, &p.eval_ctx, "N", "context for the before/after perplexity (default min(2048, max positions))"},
         {"no-eval", MB_OPT_FLAG, &no_eval, NULL, "skip the before/after evaluation"},
         {"shard-size", MB_OPT_INT, &p.shard_mb, "MB", "maximum shard size (default 8192)"},
-        {"max-memory", MB_OPT_INT, &p.max_memory_mb, "MB", "hidden states above this spill to disk (default: no limit)"},
+        {"max-memory", MB_OPT_DOUBLE, &p.max_memory_mb, "MB", "hidden states above this spill to disk (default: no limit)"},
         {"min-expert-tokens", MB_OPT_INT, &p.min_expert_tokens, "N", "MoE: calibration rows guaranteed to every expert (default 5% / experts)"},
         {"checkpoint-interval", MB_OPT_DOUBLE, &ckpt, "SEC", "seconds between checkpoints inside the passes (default 60, 0: every module)"},
         {"fail-ppl-ratio", MB_OPT_DOUBLE, &p.fail_ppl_ratio, "X", "fail when perplexity after / before exceeds X (default 10, 0: never)"},

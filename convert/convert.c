@@ -99,7 +99,7 @@ static int hs_open(struct conv *cv, int64_t n, int resume) {
     struct hstore *h = &cv->hs;
     h->n = n;
     size_t bytes = (size_t)n * sizeof(float);
-    h->mapped = cv->p->max_memory_mb > 0 && 2 * bytes > (size_t)cv->p->max_memory_mb * 1024 * 1024;
+    h->mapped = cv->p->max_memory_mb > 0 && 2.0 * (double)bytes > cv->p->max_memory_mb * 1024 * 1024;
     for (int k = 0; k < 2; k++) {
         snprintf(h->path[k], sizeof h->path[k], "%.4150s/states_%c.f32", cv->work, 'a' + k);
         if (!h->mapped) {
@@ -590,6 +590,28 @@ out:
     return rc;
 }
 
+/* One pass over all modules (measurement or quantization), from the checkpointed module on: the states
+ * are embedded first when the pass starts fresh. */
+typedef int (*module_fn)(struct conv *cv, struct mb_fwd *f, int m);
+static int run_pass(struct conv *cv, struct mb_fwd *f, const char *name, const int32_t *rows, int64_t R, module_fn fn, int ckpt_last) {
+    int rc;
+    if ((rc = hs_open(cv, R * cv->L * cv->c->hidden, cv->next_module >= 0))) return rc;
+    if (cv->next_module < 0) {
+        if ((rc = mb_fwd_embed(f, rows, R * cv->L, cv->hs.buf[cv->hs.cur]))) return rc;
+        cv->next_module = 0;
+    }
+    struct mb_progress pr;
+    mb_progress_begin(&pr, name, "modules", cv->nmod);
+    for (int m = cv->next_module; m < cv->nmod; m++) {
+        if ((rc = fn(cv, f, m))) return rc;
+        cv->next_module = m + 1;
+        mb_progress_update(&pr, m + 1);
+        if ((rc = maybe_checkpoint(cv, ckpt_last && m + 1 == cv->nmod))) return rc;
+    }
+    mb_progress_end(&pr);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* allocation                                                                                      */
 
@@ -791,32 +813,27 @@ static int compile_output(struct conv *cv) {
 
 static int evaluate(struct conv *cv, json_t *report) {
     const struct mb_config *c = cv->c;
-    int32_t *ids = NULL;
-    int64_t n = 0;
-    int rc = mb_tokenize_file(cv->tok, cv->p->eval, 1, &ids, &n);
-    if (rc) return rc;
+    int rc;
     struct mb_ppl_params pp;
     mb_ppl_default_params(&pp);
     pp.convention = MB_PPL_PAPER;
     pp.ctx = cv->p->eval_ctx > 0 ? cv->p->eval_ctx : (c->max_pos < 2048 ? c->max_pos : 2048);
-    if (pp.ctx > n) pp.ctx = n;
     pp.max_tokens = cv->p->eval_tokens;
     char lp[4400];
     wpath(cv, lp, sizeof lp, "reference.logprobs");
     pp.save_logprobs = lp;
     struct mb_ppl_result a, b;
-    mb_info("evaluating the source model on %s (%lld tokens, paper convention, ctx %lld)", cv->p->eval, (long long)n, (long long)pp.ctx);
-    rc = mb_ppl_run(cv->m, ids, n, mb_tokenizer_hash(cv->tok), &pp, &a);
+    mb_info("evaluating the source model on %s (paper convention, ctx %lld)", cv->p->eval, (long long)pp.ctx);
+    rc = mb_ppl_run_file(cv->m, cv->tok, cv->p->eval, &pp, &a);
     struct mb_model *q = NULL;
     if (!rc) rc = mb_model_open(cv->part, &q);
     if (!rc) {
         pp.save_logprobs = NULL;
         pp.kld = lp;
         mb_info("evaluating the quantized model");
-        rc = mb_ppl_run(q, ids, n, mb_tokenizer_hash(cv->tok), &pp, &b);
+        rc = mb_ppl_run_file(q, cv->tok, cv->p->eval, &pp, &b);
     }
     mb_model_close(q);
-    free(ids);
     if (rc) return rc;
     json_t *e = json_object();
     json_object_set_new(e, "text", json_string(cv->p->eval));
@@ -985,24 +1002,11 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
 
     int64_t H = cv->c->hidden;
     if ((rc = mb_fwd_init(&f, cv->m, &mb_ops_cpu, cv->chunk_rows, cv->L))) goto out;
-    struct mb_progress pr;
 
     /* measurement */
     if (cv->stage == ST_MEASURE) {
         double t0 = mb_now();
-        if ((rc = hs_open(cv, cv->Rm * cv->L * H, cv->next_module >= 0))) goto out;
-        if (cv->next_module < 0) {
-            if ((rc = mb_fwd_embed(&f, cv->rows_m, cv->Rm * cv->L, cv->hs.buf[cv->hs.cur]))) goto out;
-            cv->next_module = 0;
-        }
-        mb_progress_begin(&pr, "measuring", "modules", cv->nmod);
-        for (int m = cv->next_module; m < cv->nmod; m++) {
-            if ((rc = measure_module(cv, &f, m))) goto out;
-            cv->next_module = m + 1;
-            mb_progress_update(&pr, m + 1);
-            if ((rc = maybe_checkpoint(cv, m + 1 == cv->nmod))) goto out;
-        }
-        mb_progress_end(&pr);
+        if ((rc = run_pass(cv, &f, "measuring", cv->rows_m, cv->Rm, measure_module, 1))) goto out;
         hs_close(&cv->hs);
         cv->stage = ST_QUANT;
         cv->next_module = -1;
@@ -1014,19 +1018,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     /* quantization */
     if (cv->stage == ST_QUANT) {
         double t0 = mb_now();
-        if ((rc = hs_open(cv, cv->Rq * cv->L * H, cv->next_module >= 0))) goto out;
-        if (cv->next_module < 0) {
-            if ((rc = mb_fwd_embed(&f, cv->rows_q, cv->Rq * cv->L, cv->hs.buf[cv->hs.cur]))) goto out;
-            cv->next_module = 0;
-        }
-        mb_progress_begin(&pr, "quantizing", "modules", cv->nmod);
-        for (int m = cv->next_module; m < cv->nmod; m++) {
-            if ((rc = quant_module(cv, &f, m))) goto out;
-            cv->next_module = m + 1;
-            mb_progress_update(&pr, m + 1);
-            if ((rc = maybe_checkpoint(cv, 0))) goto out;
-        }
-        mb_progress_end(&pr);
+        if ((rc = run_pass(cv, &f, "quantizing", cv->rows_q, cv->Rq, quant_module, 0))) goto out;
         cv->stage = ST_HEAD;
         if ((rc = save_state(cv))) goto out;
         cv->t_quant = mb_now() - t0;

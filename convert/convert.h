@@ -44,7 +44,7 @@ struct mb_convert_params {
     const char *eval;      /* held-out text for before/after (NULL: skip) */
     int64_t eval_ctx, eval_tokens;
     int64_t shard_mb;      /* default 8192 */
-    int64_t max_memory_mb; /* hidden states beyond this spill to disk (0: no limit) */
+    double max_memory_mb;  /* hidden states beyond this spill to disk (0: no limit) */
     const char *measurement; /* reuse a measurement.json */
     uint64_t seed;
     double checkpoint_interval; /* seconds between checkpoints inside the passes (0: every module) */

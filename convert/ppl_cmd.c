@@ -22,17 +22,14 @@ int mb_ppl_cmd(const struct mb_ppl_cmd_params *p) {
     pp.kld = p->kld;
     struct mb_model *m = NULL;
     struct mb_tokenizer *t = NULL;
-    int32_t *ids = NULL;
-    int64_t n = 0;
     int rc = mb_model_open(p->model, &m);
     if (!rc) rc = mb_tokenizer_load(m->dir, &t);
-    if (!rc) rc = mb_tokenize_file(t, p->text, 1, &ids, &n);
     if (!rc && pp.ctx > m->cfg.max_pos)
         mb_warn("context %lld exceeds the model's max_position_embeddings %lld", (long long)pp.ctx, (long long)m->cfg.max_pos);
     struct mb_ppl_result r;
     if (!rc) {
-        mb_info("%s: %lld tokens (with BOS), convention %s, ctx %lld", p->text, (long long)n, pp.convention == MB_PPL_PAPER ? "paper" : "llamacpp", (long long)pp.ctx);
-        rc = mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &r);
+        mb_info("%s: convention %s, ctx %lld, text streamed", p->text, pp.convention == MB_PPL_PAPER ? "paper" : "llamacpp", (long long)pp.ctx);
+        rc = mb_ppl_run_file(m, t, p->text, &pp, &r);
     }
     if (!rc) {
         const char *conv = pp.convention == MB_PPL_PAPER ? "paper" : "llamacpp";
@@ -49,7 +46,6 @@ int mb_ppl_cmd(const struct mb_ppl_cmd_params *p) {
             if (p->save_logprobs) printf("saved top-%d log-probabilities to %s\n", pp.topk, p->save_logprobs);
         }
     }
-    free(ids);
     mb_tokenizer_free(t);
     mb_model_close(m);
     return rc;

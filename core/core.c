@@ -88,6 +88,11 @@ static void progress_print(struct mb_progress *p, int final) {
     double el = mb_now() - p->t0;
     double rate = el > 0 ? p->done / el : 0;
     double eta = (rate > 0 && p->total > 0) ? (p->total - p->done) / rate : 0;
+    if (p->total <= 0) { /* unknown total: count and rate only */
+        if (p->tty) fprintf(stderr, "\r%s: %lld %s, %.1f %s/s%s", p->stage, (long long)p->done, p->unit, rate, p->unit, final ? "\n" : "");
+        else fprintf(stderr, "mixbit: %s: %lld %s, %.1f %s/s\n", p->stage, (long long)p->done, p->unit, rate, p->unit);
+        return;
+    }
     if (p->tty) {
         int w = 30, fill = p->total > 0 ? (int)(w * (double)p->done / p->total) : 0;
         char bar[64];

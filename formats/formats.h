@@ -258,8 +258,13 @@ int mb_tokenizer_adds_bos(const struct mb_tokenizer *t);
 /* A fingerprint (FNV-1a 64 over vocab and merges) so two runs can check they share a tokenizer. */
 uint64_t mb_tokenizer_hash(const struct mb_tokenizer *t);
 
-/* Tokenize a whole text file (streamed in pieces that end at a newline, so memory stays bounded by the
- * ids). BOS prepended when bos != 0. */
+/* Tokenize a text file (plain or gzip) in pieces of about 1 MB cut after a '\n' that is followed by a
+ * printable ASCII character (where no normalizer, pre-tokenizer or merge of the supported tokenizers can
+ * reach across), calling cb with the ids of each piece; BOS first when bos != 0. Memory stays bounded by
+ * one piece. Tokenizers with regex normalizers are read whole. */
+typedef int (*mb_ids_cb)(const int32_t *ids, int64_t n, void *user);
+int mb_tokenize_stream(const struct mb_tokenizer *t, const char *path, int bos, mb_ids_cb cb, void *user);
+/* The same, collected into one malloc'd array. */
 int mb_tokenize_file(const struct mb_tokenizer *t, const char *path, int bos, int32_t **ids, int64_t *n);
 
 /* ------------------------------------------------------------------------------------------------ */

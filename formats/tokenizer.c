@@ -1234,19 +1234,18 @@ int mb_tokenize(const struct mb_tokenizer *tc, const char *text, size_t len, int
     return 0;
 }
 
-int mb_tokenize_file(const struct mb_tokenizer *tc, const char *path, int bos, int32_t **ids, int64_t *n) {
+int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos, mb_ids_cb cb, void *user) {
     struct mb_tokenizer *t = (struct mb_tokenizer *)tc;
-    *ids = NULL;
-    *n = 0;
-    int64_t cap = 0;
-    struct ids out = {ids, n, &cap};
+    int32_t *ids = NULL;
+    int64_t n = 0, cap = 0;
+    struct ids out = {&ids, &n, &cap};
     int rc = 0;
     if (bos) {
         if (t->bos_id < 0) return mb_fail(MB_EINVAL, "%s: the tokenizer has no BOS token", path);
         if ((rc = ids_push(&out, t->bos_id))) return rc;
     }
     gzFile f = gzopen(path, "rb");
-    if (!f) return mb_fail(MB_EIO, "%s: cannot open", path);
+    if (!f) { free(ids); return mb_fail(MB_EIO, "%s: cannot open", path); }
     const size_t CHUNK = 1 << 20;
     struct buf b = {0};
     int eof = 0, first = 1;
@@ -1261,16 +1260,16 @@ int mb_tokenize_file(const struct mb_tokenizer *tc, const char *path, int bos, i
             b.p[b.n] = 0;
         }
         if (rc) break;
-        /* cut after a '\n' followed by a non-space character, at or before the buffer's end */
+        /* cut after a '\n' followed by a printable ASCII character (see the header comment) */
         size_t cut = b.n;
         if (!eof) {
             cut = 0;
             for (size_t i = b.n - 1; i > 0; i--)
                 if (b.p[i - 1] == '\n' && b.p[i] > 0x20 && b.p[i] < 0x7f) { cut = i; break; }
             if (cut == 0) { /* no cut point in the whole buffer: read more */
-                if (b.n > ((size_t)1 << 31)) { rc = mb_fail(MB_EINVAL, "%s: no line break in 2 GB of text", path); break; }
-                if ((rc = buf_reserve(&b, b.n))) break;
-                int r = gzread(f, b.p + b.n, (unsigned)(b.cap - b.n - 1));
+                if (b.n > ((size_t)1 << 31)) { rc = mb_fail(MB_EINVAL, "%s: no usable line break in 2 GB of text", path); break; }
+                if ((rc = buf_reserve(&b, CHUNK))) break;
+                int r = gzread(f, b.p + b.n, (unsigned)CHUNK);
                 if (r < 0) { int e; rc = mb_fail(MB_EIO, "%s: read error: %s", path, gzerror(f, &e)); break; }
                 if (r == 0) eof = 1;
                 b.n += (size_t)r;
@@ -1291,11 +1290,38 @@ int mb_tokenize_file(const struct mb_tokenizer *tc, const char *path, int bos, i
         first = 0;
         memmove(b.p, b.p + cut, b.n - cut);
         b.n -= cut;
+        if (n > 0) { rc = cb(ids, n, user); n = 0; }
     }
+    if (!rc && n > 0) rc = cb(ids, n, user); /* an empty file with BOS */
     gzclose(f);
     free(b.p);
-    if (rc) { free(*ids); *ids = NULL; *n = 0; }
+    free(ids);
     return rc;
+}
+
+struct collect { int32_t *ids; int64_t n, cap; };
+static int collect_cb(const int32_t *ids, int64_t n, void *user) {
+    struct collect *c = user;
+    if (c->n + n > c->cap) {
+        int64_t nc = c->cap ? c->cap : 4096;
+        while (nc < c->n + n) nc *= 2;
+        int32_t *np = realloc(c->ids, (size_t)nc * sizeof *np);
+        if (!np) return mb_fail(MB_ENOMEM, "out of memory for token ids");
+        c->ids = np;
+        c->cap = nc;
+    }
+    memcpy(c->ids + c->n, ids, (size_t)n * sizeof *ids);
+    c->n += n;
+    return 0;
+}
+
+int mb_tokenize_file(const struct mb_tokenizer *t, const char *path, int bos, int32_t **ids, int64_t *n) {
+    struct collect c = {0};
+    int rc = mb_tokenize_stream(t, path, bos, collect_cb, &c);
+    if (rc) { free(c.ids); *ids = NULL; *n = 0; return rc; }
+    *ids = c.ids;
+    *n = c.n;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */

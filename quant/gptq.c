@@ -104,26 +104,31 @@ static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *q
     }
     double best = INFINITY;
     uint16_t best_h = mb_f32_to_f16(qmax);
+    float *sc = malloc((size_t)N * 2 * sizeof *sc), *inv = sc + N;
     for (int i = 0; i < 97; i++) {
         float p = 0.70f + 0.5f * (float)i / 96.0f;
         uint16_t h = mb_f32_to_f16(qmax * p);
         if (mb_f16_to_f32(h) == 0) continue;
+        for (int64_t n = 0; n < N; n++) { sc[n] = mb_exl2_scale(qs[n] - 1, h); inv[n] = 1.0f / sc[n]; }
         double err = 0;
-#pragma omp parallel for reduction(+ : err) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float sc = mb_exl2_scale(qs[n] - 1, h), inv = 1.0f / sc;
-            double e = 0;
-            for (int64_t r = 0; r < R; r++) {
-                float w = wt[r * N + n];
-                float q = rintf(w * inv) + (float)zero;
+        /* rows outer, columns inner: contiguous and vectorizable */
+#pragma omp parallel for reduction(+ : err) schedule(static) if (R * N > 65536)
+        for (int64_t r = 0; r < R; r++) {
+            const float *row = wt + r * N;
+            float e = 0;
+#pragma omp simd reduction(+ : e)
+            for (int64_t n = 0; n < N; n++) {
+                float w = row[n];
+                float q = rintf(w * inv[n]) + (float)zero;
                 q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
-                float d = fabsf((q - (float)zero) * sc - w);
-                e += (double)(d * d * d * sqrtf(d));
+                float d = fabsf((q - (float)zero) * sc[n] - w);
+                e += d * d * d * sqrtf(d);
             }
             err += e;
         }
         if (err < best) { best = err; best_h = h; }
     }
+    free(sc);
     *smax_out = best_h;
     for (int64_t n = 0; n < N; n++) scale[n] = mb_exl2_scale(qs[n] - 1, best_h);
     free(base);

@@ -166,10 +166,106 @@ out:
     mb_model_close(m16);
 }
 
+/* streaming from the file gives exactly what the in-memory run gives; a stride scores every token once */
+static void test_stream_and_stride(void) {
+    char md[512], tp[512];
+    snprintf(md, sizeof md, "%s/models/kjv-llama", th_shared());
+    snprintf(tp, sizeof tp, "%s/text/jargon-eval.txt", th_shared());
+    struct mb_model *m = NULL;
+    struct mb_tokenizer *t = NULL;
+    CHECK_EQ(mb_model_open(md, &m), 0);
+    CHECK_EQ(mb_tokenizer_load(md, &t), 0);
+    if (!m || !t) { mb_model_close(m); mb_tokenizer_free(t); return; }
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    CHECK_EQ(mb_tokenize_file(t, tp, 1, &ids, &n), 0);
+    struct mb_ppl_params pp;
+    mb_ppl_default_params(&pp);
+    pp.progress = 0;
+    pp.ctx = 128;
+    pp.max_tokens = getenv("MB_ASAN") ? 3000 : 0;
+    struct mb_ppl_result a, b, c, paper = {0};
+    for (int conv = 0; conv < 2; conv++) {
+        pp.convention = conv ? MB_PPL_LLAMACPP : MB_PPL_PAPER;
+        CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &a), 0);
+        CHECK_EQ(mb_ppl_run_file(m, t, tp, &pp, &b), 0);
+        CHECK_EQ(a.tokens, b.tokens);
+        CHECK_NEAR(a.ppl, b.ppl, 1e-12 * a.ppl);
+        if (!conv) paper = a;
+    }
+    pp.convention = MB_PPL_PAPER;
+    pp.stride = 64;
+    CHECK_EQ(mb_ppl_run(m, ids, n, mb_tokenizer_hash(t), &pp, &c), 0);
+    int64_t used = pp.max_tokens > 0 && pp.max_tokens < n ? pp.max_tokens : n;
+    CHECK_EQ(c.tokens, used - 1);   /* every token after the first, once */
+    CHECK(c.ppl < paper.ppl);       /* more context per scored token */
+    fprintf(stderr, "  jargon-eval ctx 128 (paper): ppl %.4f without stride, %.4f with stride 64\n", paper.ppl, c.ppl);
+    free(ids);
+    mb_tokenizer_free(t);
+    mb_model_close(m);
+}
+
+/* rope scaling tables and the sliding window, against their definitions */
+static void test_rope_and_window(void) {
+    char md[512];
+    snprintf(md, sizeof md, "%s/models/stories260K", th_shared());
+    struct mb_model *m = NULL;
+    CHECK_EQ(mb_model_open(md, &m), 0);
+    if (!m) return;
+    struct mb_fwd f0, f1, f2;
+    CHECK_EQ(mb_fwd_init(&f0, m, &mb_ops_cpu, 64, 64), 0);
+    m->cfg.rope_type = MB_ROPE_LINEAR;
+    m->cfg.rope_factor = 2;
+    CHECK_EQ(mb_fwd_init(&f1, m, &mb_ops_cpu, 64, 64), 0);
+    m->cfg.rope_type = MB_ROPE_LLAMA3;
+    m->cfg.rope_factor = 8;
+    m->cfg.rope_low_freq = 1;
+    m->cfg.rope_high_freq = 4;
+    m->cfg.rope_orig_max_pos = 1024;
+    CHECK_EQ(mb_fwd_init(&f2, m, &mb_ops_cpu, 64, 64), 0);
+    int64_t half = m->cfg.head_dim / 2; /* 4 frequencies: 1, 0.1, 0.01, 0.001 */
+    for (int64_t j = 0; j < half; j++) CHECK_NEAR(f1.cos_t[2 * half + j], f0.cos_t[1 * half + j], 1e-6); /* linear: position t/2 */
+    for (int64_t j = 0; j < half; j++) {
+        double inv = 1.0 / pow(10000.0, 2.0 * j / m->cfg.head_dim), wl = 2 * M_PI / inv, want;
+        if (wl < 1024.0 / 4) want = inv;
+        else if (wl > 1024.0 / 1) want = inv / 8;
+        else { double sm = (1024.0 / wl - 1) / 3; want = (1 - sm) * inv / 8 + sm * inv; }
+        CHECK_NEAR(f2.cos_t[1 * half + j], cos(want), 1e-6);
+        CHECK_NEAR(f2.sin_t[5 * half + j], sin(5 * want), 1e-6);
+    }
+    mb_fwd_free(&f0); mb_fwd_free(&f1); mb_fwd_free(&f2);
+    mb_model_close(m);
+    /* attention: a window covering everything equals no window; a window of 1 returns v of the same position */
+    int64_t S = 2, T = 9, nh = 4, nkv = 2, hd = 8;
+    float *q = malloc(S * T * nh * hd * 4), *k = malloc(S * T * nkv * hd * 4), *v = malloc(S * T * nkv * hd * 4);
+    float *o0 = malloc(S * T * nh * hd * 4), *o1 = malloc(S * T * nh * hd * 4), *o2 = malloc(S * T * nh * hd * 4);
+    struct mb_rng g = {3};
+    for (int64_t i = 0; i < S * T * nh * hd; i++) q[i] = mb_rng_normal(&g);
+    for (int64_t i = 0; i < S * T * nkv * hd; i++) { k[i] = mb_rng_normal(&g); v[i] = mb_rng_normal(&g); }
+    mb_ops_cpu.attention(o0, q, k, v, S, T, nh, nkv, hd, 0);
+    mb_ops_cpu.attention(o1, q, k, v, S, T, nh, nkv, hd, T);
+    mb_ops_cpu.attention(o2, q, k, v, S, T, nh, nkv, hd, 1);
+    double dmax = 0, mv = 0;
+    for (int64_t i = 0; i < S * T * nh * hd; i++) if (fabs(o0[i] - o1[i]) > dmax) dmax = fabs(o0[i] - o1[i]);
+    for (int64_t r = 0; r < S * T; r++)
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t e = 0; e < hd; e++) {
+                double d = fabs(o2[(r * nh + h) * hd + e] - v[(r * nkv + h / 2) * hd + e]);
+                if (d > mv) mv = d;
+            }
+    CHECK(dmax < 1e-6);
+    CHECK(mv < 1e-6);
+    /* the first position attends only to itself in every case */
+    for (int64_t e = 0; e < hd; e++) CHECK_NEAR(o0[e], v[e], 1e-6);
+    free(q); free(k); free(v); free(o0); free(o1); free(o2);
+}
+
 int main(void) {
     RUN(test_nll_reference);
     RUN(test_moe_equals_dense);
     RUN(test_ppl_reference);
     RUN(test_kld);
+    RUN(test_stream_and_stride);
+    RUN(test_rope_and_window);
     TEST_MAIN_END();
 }
