@@ -140,6 +140,8 @@ static int cmd_convert(int argc, char **argv) {
         {"seed", MB_OPT_INT, &seed, "N", "seed for calibration sampling (default 1)"},
         {"uniform", MB_OPT_STR, &p.uniform, "SETTING", "baseline: one setting (e.g. 1:4b_128g) for every projection, no measurement"},
         {"rtn", MB_OPT_FLAG, &p.rtn, NULL, "baseline: round to nearest instead of GPTQ"},
+        {"extra-options", MB_OPT_FLAG, &p.extra_options, NULL, "add 1:2b_32g to both option tables (more choice near the tables' minimum)"},
+        {"alloc-power", MB_OPT_DOUBLE, &p.alloc_power, "P", "allocation minimises the sum of error^P over modules (default 1)"},
         {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
         {0},
     };

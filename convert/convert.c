@@ -55,10 +55,13 @@ struct conv {
     double t_measure, t_quant;
 };
 
-/* Tiny models (hidden 64 in stories260K) carry so much fixed overhead per row (the 32-bit q_invperm entry,
- * one 4-bit scale per column and group) that the reference tables cannot go below about 3.75 bpw. When the
- * target lies below the tables' range, one extra option is appended to both tables: 1:2b_32g for every
- * projection (g_extra). measurement.json then has 20 / 18 entries per module. */
+/* Near the bottom of the reference tables the allocator has almost no choice (every module at its
+ * cheapest row), and small models carry so much fixed overhead per row (the 32-bit q_invperm entry, one
+ * 4-bit scale per column and group) that the tables cannot even reach some targets (stories260K: 3.75
+ * bpw at least). When the target is within EXTRA_MARGIN bpw of the tables' minimum (or below it), one
+ * option is appended to both tables: 1:2b_32g for every projection (g_extra). measurement.json then has
+ * 20 / 18 entries per module. On kjv-llama at 2.5 bpw this halves the KL divergence (bench/RESULTS.md). */
+#define EXTRA_MARGIN 0.5
 #define OPT_STRIDE (MB_ATTN_OPTIONS + 1)
 static int g_extra;
 static const char *EXTRA_SETTING = "1:2b_32g";
@@ -623,7 +626,7 @@ static int allocate(struct conv *cv, int report) {
     for (int m = 0; m < cv->nmod; m++) {
         for (int r = 0; r < nopt(m); r++) {
             bits[m][r] = module_bits(cv, m, r);
-            err[m][r] = 1.0 - cv->acc[m * OPT_STRIDE + r];
+            err[m][r] = pow(1.0 - cv->acc[m * OPT_STRIDE + r], cv->p->alloc_power > 0 ? cv->p->alloc_power : 1.0);
         }
         s[m] = (struct mb_alloc_slot){nopt(m), bits[m], err[m]};
     }
@@ -855,6 +858,34 @@ static int evaluate(struct conv *cv, json_t *report) {
     return 0;
 }
 
+/* reachable decoder bpw with the current tables */
+static void bpw_range(const struct conv *cv, double *lo, double *hi) {
+    int64_t a0 = 0, b0 = 0;
+    for (int m = 0; m < cv->nmod; m++) {
+        int64_t a = INT64_MAX, b = 0;
+        for (int r = 0; r < nopt(m); r++) { int64_t x = module_bits(cv, m, r); if (x < a) a = x; if (x > b) b = x; }
+        a0 += a;
+        b0 += b;
+    }
+    *lo = (double)a0 / cv->decoder_numel;
+    *hi = (double)b0 / cv->decoder_numel;
+}
+
+/* does a measurement.json carry the extra option? (19 / 17 entries: no, 20 / 18: yes) */
+static int measurement_has_extra(const struct conv *cv, const char *path, int *extra) {
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root) return mb_fail(MB_EFORMAT, "%s: invalid JSON: %s (line %d)", path, jerr.text, jerr.line);
+    char mn[96];
+    module_name(cv, 0, mn, sizeof mn);
+    size_t n = json_array_size(json_object_get(json_object_get(root, "measurement"), mn));
+    json_decref(root);
+    if (n == MB_ATTN_OPTIONS) *extra = 0;
+    else if (n == MB_ATTN_OPTIONS + 1) *extra = 1;
+    else return mb_fail(MB_EFORMAT, "%s: %s has %zu options, expected %d or %d", path, mn, n, MB_ATTN_OPTIONS, MB_ATTN_OPTIONS + 1);
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* driver                                                                                          */
 
@@ -867,13 +898,14 @@ void mb_convert_default_params(struct mb_convert_params *p) {
     p->checkpoint_interval = 60;
     p->min_expert_tokens = 0; /* 0: automatic (5% of the calibration tokens / experts) */
     p->fail_ppl_ratio = 10.0;
+    p->alloc_power = 1.0;
 }
 
 static void args_hash(const struct mb_convert_params *p, const char *in, char out[32]) {
     char buf[8192];
-    snprintf(buf, sizeof buf, "%s|%s|%d|%s|%.6f|%d|%s|%s|%lld|%lld|%lld|%lld|%s|%llu|%lld|%s", p->uniform ? p->uniform : "", in, p->rtn, p->out, p->bpw, p->head_bits, p->cal ? p->cal : "",
+    snprintf(buf, sizeof buf, "%s|%s|%d|%s|%.6f|%d|%s|%s|%lld|%lld|%lld|%lld|%s|%llu|%lld|%s|%g|%d", p->uniform ? p->uniform : "", in, p->rtn, p->out, p->bpw, p->head_bits, p->cal ? p->cal : "",
              p->cal_field ? p->cal_field : "", (long long)p->rows, (long long)p->length, (long long)p->mrows, (long long)p->min_expert_tokens,
-             p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION);
+             p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION, p->alloc_power, p->extra_options);
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *c = buf; *c; c++) { h ^= (uint8_t)*c; h *= 0x100000001b3ull; }
     snprintf(out, 32, "%016llx", (unsigned long long)h);
@@ -907,7 +939,12 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     double t_start = mb_now();
     struct mb_fwd f;
     memset(&f, 0, sizeof f);
-    if (mb_is_dir(p->out)) { rc = mb_fail(MB_EINVAL, "%s already exists; choose a new output directory", p->out); goto out; }
+    if (access(p->out, F_OK) == 0) { rc = mb_fail(MB_EINVAL, "%s already exists; choose a new output directory", p->out); goto out; }
+    /* inputs named on the command line must exist before any work starts */
+    if (!p->uniform && !p->measurement && !p->cal) { rc = mb_fail(MB_EUSAGE, "no calibration text (--cal)"); goto out; }
+    if (p->cal && !mb_file_exists(p->cal) && !mb_is_dir(p->cal)) { rc = mb_fail(MB_EIO, "%s: calibration text not found", p->cal); goto out; }
+    if (p->eval && !mb_file_exists(p->eval)) { rc = mb_fail(MB_EIO, "%s: evaluation text not found", p->eval); goto out; }
+    if (p->measurement && !mb_file_exists(p->measurement)) { rc = mb_fail(MB_EIO, "%s: measurement file not found", p->measurement); goto out; }
     if ((rc = mb_model_open(p->in, &cv->m))) goto out;
     cv->c = &cv->m->cfg;
     if (cv->c->is_exl2) { rc = mb_fail(MB_EINVAL, "%s is already an EXL2 model", p->in); goto out; }
@@ -924,26 +961,21 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     if (p->uniform) {
         struct mb_qsetting uq;
         if ((rc = mb_qsetting_parse(p->uniform, &uq))) goto out;
-    }
-    for (int pass = 0; pass < 2 && !p->uniform; pass++) {
-        int64_t lo = 0, hi = 0;
-        for (int m = 0; m < cv->nmod; m++) {
-            int64_t a = INT64_MAX, b = 0;
-            for (int r = 0; r < nopt(m); r++) { int64_t x = module_bits(cv, m, r); if (x < a) a = x; if (x > b) b = x; }
-            lo += a;
-            hi += b;
-        }
-        double blo = (double)lo / cv->decoder_numel, bhi = (double)hi / cv->decoder_numel;
-        if (pass == 0 && p->bpw < blo && p->bpw <= bhi) {
-            g_extra = 1;
-            continue;
-        }
-        if (!(p->bpw >= blo && p->bpw <= bhi)) {
-            rc = mb_fail(MB_ERANGE, "--bpw %.3f is outside the reachable range %.3f .. %.3f for this model", p->bpw, ceil(blo * 1000) / 1000, floor(bhi * 1000) / 1000);
+    } else {
+        /* the option tables: the reference converter's, plus 1:2b_32g near or below their minimum (or on
+         * request), or whatever a reused measurement.json was made with */
+        double lo0, hi0, lo1, hi1;
+        bpw_range(cv, &lo0, &hi0);
+        g_extra = 1;
+        bpw_range(cv, &lo1, &hi1);
+        g_extra = p->extra_options || p->bpw < lo0 + EXTRA_MARGIN;
+        if (p->measurement && (rc = measurement_has_extra(cv, p->measurement, &g_extra))) goto out;
+        double lo = g_extra ? lo1 : lo0, hi = g_extra ? hi1 : hi0;
+        if (!(p->bpw >= lo && p->bpw <= hi)) {
+            rc = mb_fail(MB_ERANGE, "--bpw %.3f is outside the reachable range %.3f .. %.3f for this model", p->bpw, ceil(lo * 1000) / 1000, floor(hi * 1000) / 1000);
             goto out;
         }
-        if (g_extra) mb_warn("--bpw %.3f is below the reference tables' range for this model; adding the option %s to both tables", p->bpw, EXTRA_SETTING);
-        break;
+        if (g_extra) mb_info("--bpw %.3f is near the reference tables' minimum (%.3f) for this model: the option %s is added to both tables", p->bpw, lo0, EXTRA_SETTING);
     }
     /* calibration geometry: reference defaults (16 / 100 rows of 2048 tokens), shorter rows for shorter contexts */
     cv->L = p->length > 0 ? p->length : (cv->c->max_pos < 2048 ? cv->c->max_pos : 2048);

@@ -52,6 +52,8 @@ struct mb_convert_params {
     double fail_ppl_ratio;      /* fail when ppl after / before exceeds this (0: never) */
     const char *uniform;        /* baseline: this setting for every projection, no measurement */
     int rtn;                    /* baseline: round to nearest (no GPTQ error feedback) */
+    double alloc_power;         /* allocation minimises sum of err^p (default 1) */
+    int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
 };
 void mb_convert_default_params(struct mb_convert_params *p);
 /* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */
