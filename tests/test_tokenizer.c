@@ -57,6 +57,45 @@ static void test_reference_cases(void) {
     json_decref(root);
 }
 
+/* The Split pre-tokenizer (Llama 3 style: Split regex + ByteLevel without its own regex) checked against
+ * the reference: phi-2's ByteLevel(use_regex) is exactly Split(GPT-2 regex, Isolated) + ByteLevel(no regex),
+ * so the rewritten tokenizer.json must give phi-2's reference ids. */
+static void test_split_pretokenizer(void) {
+    char p[512], tp[512];
+    snprintf(p, sizeof p, "%s/tokenizers/phi2-bytelevel/tokenizer.json", th_shared());
+    snprintf(tp, sizeof tp, "%s/split-tokenizer.json", tmpdir);
+    json_error_t err;
+    json_t *tj = json_load_file(p, 0, &err);
+    CHECK(tj != NULL);
+    if (!tj) return;
+    json_t *pre = json_pack("{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b, s:b}]}", "type", "Sequence", "pretokenizers", "type", "Split", "pattern", "Regex",
+                            "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+", "behavior", "Isolated", "invert", 0,
+                            "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1, "use_regex", 0);
+    json_object_set_new(tj, "pre_tokenizer", pre);
+    CHECK_EQ(json_dump_file(tj, tp, 0), 0);
+    json_decref(tj);
+    struct mb_tokenizer *t = NULL;
+    CHECK_MSG(mb_tokenizer_load(tp, &t) == 0, "%s", mb_errmsg());
+    snprintf(p, sizeof p, "%s/reference/tokenizer-cases.json", th_shared());
+    json_t *root = json_load_file(p, 0, &err);
+    if (!t || !root) { mb_tokenizer_free(t); json_decref(root); return; }
+    json_t *cases = json_object_get(root, "cases");
+    int bad = 0;
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        json_t *c = json_array_get(cases, i), *text = json_object_get(c, "text"), *want = json_object_get(json_object_get(c, "ids"), "phi2");
+        int32_t *ids = NULL;
+        int64_t n = 0, cap = 0;
+        int rc = mb_tokenize(t, json_string_value(text), json_string_length(text), 0, 0, &ids, &n, &cap);
+        int ok = rc == 0 && (size_t)n == json_array_size(want);
+        for (int64_t k = 0; ok && k < n; k++) ok = ids[k] == json_integer_value(json_array_get(want, k));
+        bad += !ok;
+        free(ids);
+    }
+    CHECK_EQ(bad, 0);
+    json_decref(root);
+    mb_tokenizer_free(t);
+}
+
 static void test_decode(void) {
     const char *paths[] = {"tokenizers/llama2", "tokenizers/phi2-bytelevel/tokenizer.json", "models/kjv-llama"};
     const char *texts[] = {"Hello world, this is a test.\nSecond line: caf\xc3\xa9 \xe2\x82\xac 42!", "In the beginning God created"};
@@ -244,6 +283,7 @@ int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/mb_test_tok_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     RUN(test_reference_cases);
+    RUN(test_split_pretokenizer);
     RUN(test_decode);
     RUN(test_special_and_bos);
     RUN(test_wikitext_count);
