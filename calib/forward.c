@@ -165,9 +165,7 @@ int mb_fwd_init(struct mb_fwd *f, const struct mb_model *m, const struct mb_ops 
         const struct mb_tensor_info *t;
         if ((rc = mb_st_get(m->st, "model.norm.weight", &t)) || (rc = mb_tensor_to_f32(t, f->norm))) goto fail;
     }
-    char nm[64];
-    snprintf(nm, sizeof nm, "lm_head.q_weight");
-    int head_present = mb_st_find(m->st, "lm_head.weight") || mb_st_find(m->st, nm);
+    int head_present = mb_st_find(m->st, "lm_head.weight") || mb_st_find(m->st, "lm_head.q_weight");
     if (c->tied && !head_present) f->head = f->embed;
     else {
         FALLOC(f->head, c->vocab * H);

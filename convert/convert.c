@@ -451,9 +451,10 @@ static int ent_add(struct entries *es, const char *name, enum mb_dtype dt, int n
     if (es->n == es->cap) {
         int nc = es->cap ? es->cap * 2 : 64;
         struct mb_st_entry *ne = realloc(es->e, nc * sizeof *ne);
-        void **no = realloc(es->owned, (size_t)nc * 2 * sizeof *no);
-        if (!ne || !no) { free(ne == es->e ? NULL : ne); return mb_fail(MB_ENOMEM, "out of memory"); }
+        if (!ne) return mb_fail(MB_ENOMEM, "out of memory");
         es->e = ne;
+        void **no = realloc(es->owned, (size_t)nc * sizeof *no);
+        if (!no) return mb_fail(MB_ENOMEM, "out of memory");
         es->owned = no;
         es->cap = nc;
     }
@@ -548,8 +549,6 @@ out:
     return 0;
 }
 
-static void head_cap(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K) { (void)user; (void)layer; (void)which; (void)expert; (void)x; (void)M; (void)K; }
-
 static int quant_head(struct conv *cv, struct mb_fwd *f) {
     const struct mb_config *c = cv->c;
     int64_t H = c->hidden, V = c->vocab, M = cv->Rq * cv->L, CH = cv->chunk_rows;
@@ -589,7 +588,6 @@ out:
     free(xn);
     free(w);
     mb_hessian_free(&h);
-    (void)head_cap;
     return rc;
 }
 
@@ -772,8 +770,7 @@ static int compile_output(struct conv *cv) {
         const struct mb_expect *e = &cv->m->ex[i];
         if (e->kind != MB_T_EMBED && e->kind != MB_T_NORM && e->kind != MB_T_ROUTER) continue;
         const struct mb_tensor_info *t;
-        char nm[160];
-        snprintf(nm, sizeof nm, "%s%s", e->name, e->kind == MB_T_EMBED ? "" : "");
+        const char *nm = e->name; /* float tensors are listed with their full names */
         if ((rc = mb_st_get(cv->m->st, nm, &t))) break;
         uint16_t *h = malloc((size_t)t->numel * 2);
         if (!h) { rc = mb_fail(MB_ENOMEM, "out of memory"); break; }
@@ -1094,9 +1091,9 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
             json_t *o = json_object();
             json_object_set_new(o, "module", json_string(mn));
             json_object_set_new(o, "option", json_integer(cv->choice[m]));
-            json_object_set_new(o, "bpw", json_real((double)module_bits(cv, m, cv->choice[m]) / (m % 2 == 0 ? 1 : 1) /
-                                                    (double)(m % 2 == 0 ? (2 * cv->c->hidden * cv->c->n_heads * cv->c->head_dim + 2 * cv->c->hidden * cv->c->n_kv_heads * cv->c->head_dim)
-                                                                        : 3 * cv->c->hidden * cv->c->ffn * (cv->c->n_experts ? cv->c->n_experts : 1))));
+            int64_t numel = m % 2 == 0 ? 2 * cv->c->hidden * (cv->c->n_heads + cv->c->n_kv_heads) * cv->c->head_dim
+                                       : 3 * cv->c->hidden * cv->c->ffn * (cv->c->n_experts ? cv->c->n_experts : 1);
+            json_object_set_new(o, "bpw", json_real((double)module_bits(cv, m, cv->choice[m]) / (double)numel));
             json_object_set_new(o, "accuracy", json_real(cv->acc[m * OPT_STRIDE + cv->choice[m]]));
             json_array_append_new(ch, o);
         }

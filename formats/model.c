@@ -229,17 +229,26 @@ static int check_exl2_linear(const struct mb_st_set *s, const char *mod, int64_t
     return 0;
 }
 
+/* first index in the sorted names not below key */
+static int lower_bound(const struct mb_st_set *s, const char *key) {
+    int lo = 0, hi = s->n;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (strcmp(s->sorted[mid]->name, key) < 0) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
 static int mark_used(const struct mb_st_set *s, const char *name, unsigned char *used) {
-    for (int i = 0; i < s->n; i++)
-        if (strcmp(s->sorted[i]->name, name) == 0) { used[i] = 1; return 1; }
+    int i = lower_bound(s, name);
+    if (i < s->n && strcmp(s->sorted[i]->name, name) == 0) { used[i] = 1; return 1; }
     return 0;
 }
 
 static int mark_prefix(const struct mb_st_set *s, const char *prefix, unsigned char *used) {
     size_t pl = strlen(prefix);
     int k = 0;
-    for (int i = 0; i < s->n; i++)
-        if (strncmp(s->sorted[i]->name, prefix, pl) == 0) { used[i] = 1; k++; }
+    for (int i = lower_bound(s, prefix); i < s->n && strncmp(s->sorted[i]->name, prefix, pl) == 0; i++) { used[i] = 1; k++; }
     return k;
 }
 

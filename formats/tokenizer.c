@@ -994,7 +994,7 @@ static int spans_add(struct spans *s, size_t a, size_t b) {
 
 /* split [a, b) of s by regex matches with a behavior; appends to out */
 static int split_regex(const pcre2_code *re, const char *pat, size_t plen, enum split_behavior beh, const char *s, size_t a, size_t b, pcre2_match_data *md, struct spans *out) {
-    size_t pos = a, last = a;
+    size_t pos = a;
     /* matches as [ms, me) */
     struct spans m = {0};
     int rc = 0;
@@ -1054,7 +1054,6 @@ static int split_regex(const pcre2_code *re, const char *pat, size_t plen, enum 
             else if (prev_end < b) rc = spans_add(out, prev_end, b);
         }
     }
-    (void)last;
     free(m.v);
     return rc;
 }

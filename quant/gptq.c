@@ -53,20 +53,21 @@ int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b) {
     return 0;
 }
 
-static const double *g_diag;
+struct diag_ent { double d; int32_t i; };
 static int cmp_diag_desc(const void *x, const void *y) {
-    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
-    if (g_diag[a] != g_diag[b]) return g_diag[a] > g_diag[b] ? -1 : 1;
-    return a < b ? -1 : a > b;
+    const struct diag_ent *a = x, *b = y;
+    if (a->d != b->d) return a->d > b->d ? -1 : 1;
+    return a->i < b->i ? -1 : a->i > b->i;
 }
 
-void mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm) {
-    double *d = malloc((size_t)h->K * sizeof *d);
-    for (int64_t i = 0; i < h->K; i++) { d[i] = h->H[i * h->K + i]; perm[i] = (int32_t)i; }
-    g_diag = d;
-    qsort(perm, (size_t)h->K, sizeof *perm, cmp_diag_desc);
-    g_diag = NULL;
-    free(d);
+int mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm) {
+    struct diag_ent *e = malloc((size_t)h->K * sizeof *e);
+    if (!e) return mb_fail(MB_ENOMEM, "out of memory");
+    for (int64_t i = 0; i < h->K; i++) e[i] = (struct diag_ent){h->H[i * h->K + i], (int32_t)i};
+    qsort(e, (size_t)h->K, sizeof *e, cmp_diag_desc);
+    for (int64_t i = 0; i < h->K; i++) perm[i] = e[i].i;
+    free(e);
+    return 0;
 }
 
 /* ---- GPTQ ---- */
@@ -168,7 +169,7 @@ int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessi
         for (int64_t j = i; j < K; j++) H[i * Kp + j] = H[j * Kp + i] = h->H[i * K + j] * inv_n;
     {
         struct mb_hessian hp = {Kp, 1, H};
-        mb_hessian_act_order(&hp, out->perm);
+        if ((rc = mb_hessian_act_order(&hp, out->perm))) goto fail;
     }
     /* permute H in place via a copy */
     {

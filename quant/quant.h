@@ -66,7 +66,7 @@ int mb_hessian_add(struct mb_hessian *h, const float *x, int64_t M);
 /* a += b */
 int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b);
 /* Act order: perm[j] = index of the j-th largest diagonal entry (stable on ties). */
-void mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm);
+int mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* GPTQ                                                                                             */
