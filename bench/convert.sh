@@ -4,7 +4,7 @@
 # Calibration: calib-kjv-jargon.txt (100 rows x 512); evaluation: kjv-eval.txt, paper convention, ctx 512.
 # The "reference tables only" rows reuse the 3.5 bpw measurement, which has no extra option.
 # Prints one markdown row per conversion.
-cd "$(dirname "$0")/.." && make -s mixbit >/dev/null || exit 1
+cd "$(dirname "$0")/.." && make -s mixbit build/bench/bench_alloc >/dev/null || exit 1
 S=${MB_SHARED:-../shared}
 O=${OUT:-/tmp/mb_bench_convert}
 rm -rf "$O"; mkdir -p "$O"
@@ -30,11 +30,6 @@ for m in kjv-llama kjv-mixtral; do
     conv $m $m-2.5r --bpw 2.5 --measurement "$O/$m-3.5/measurement.json"; row "$m, mixbit 2.5, reference tables only" "$O/$m-2.5r"
     conv $m $m-u25 --uniform 0.3:3b_64g/0.7:2b_64g;             row "$m, uniform 0.3:3b/0.7:2b g64, GPTQ" "$O/$m-u25"
     conv $m $m-r26 --uniform 0.4:3b_64g/0.6:2b_64g --rtn;       row "$m, uniform 0.4:3b/0.6:2b g64, RTN" "$O/$m-r26"
-    python3 -c "
-import json
-for b in ('3.5','2.5'):
-    r=json.load(open('$O/$m-'+b+'/mixbit-report.json'))
-    print('allocation $m %s: knapsack summed error %.6f, simulated annealing %.6f' % (b, r['allocation_error_sum'], r['annealing_error_sum']))
-" >> "$O/alloc.txt"
+    ./build/bench/bench_alloc $S/models/$m "$O/$m-2.5/measurement.json" 2.5 3.0 3.5 >> "$O/alloc.txt"
 done
 cat "$O/alloc.txt"

@@ -47,10 +47,93 @@ static void greedy_fill(const struct mb_alloc_slot *s, int ns, int64_t budget, i
     }
 }
 
+/* pairwise exchange: the best change of two slots at once that fits and lowers the error, repeated. This
+ * recovers what rounding the costs up in the dynamic program can exclude near the budget's edge. */
+static void pair_improve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *choice) {
+    int64_t used;
+    mb_alloc_eval(s, ns, choice, &used);
+    for (int pass = 0; pass < 100; pass++) {
+        double best = 1e-15;
+        int bi = -1, bj = -1, boi = -1, boj = -1;
+        for (int i = 0; i < ns; i++)
+            for (int j = i + 1; j < ns; j++)
+                for (int oi = 0; oi < s[i].n; oi++) {
+                    double ei = s[i].err[choice[i]] - s[i].err[oi];
+                    int64_t bdi = s[i].bits[oi] - s[i].bits[choice[i]];
+                    for (int oj = 0; oj < s[j].n; oj++) {
+                        double de = ei + s[j].err[choice[j]] - s[j].err[oj];
+                        if (de <= best) continue;
+                        if (used + bdi + s[j].bits[oj] - s[j].bits[choice[j]] > budget) continue;
+                        best = de; bi = i; bj = j; boi = oi; boj = oj;
+                    }
+                }
+        if (bi < 0) break;
+        used += s[bi].bits[boi] - s[bi].bits[choice[bi]] + s[bj].bits[boj] - s[bj].bits[choice[bj]];
+        choice[bi] = boi;
+        choice[bj] = boj;
+    }
+}
+
+/* Exact: dynamic program over the Pareto frontier of (bits, error) with exact bit counts. After each slot
+ * only non-dominated partial choices are kept (fewer bits or less error than every other); the frontier
+ * stays small in practice. Returns 1 when the frontier grew past `cap` (the caller falls back). */
+struct pstate { int64_t bits; double err; int32_t parent; int16_t opt; };
+static int cmp_pstate(const void *a, const void *b) {
+    const struct pstate *x = a, *y = b;
+    if (x->bits != y->bits) return x->bits < y->bits ? -1 : 1;
+    return x->err < y->err ? -1 : x->err > y->err;
+}
+
+static int pareto_solve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *choice, int64_t cap) {
+    struct pstate **fr = calloc(ns, sizeof *fr);
+    int64_t *nf = calloc(ns, sizeof *nf);
+    struct pstate *cand = NULL;
+    int rc = 1;
+    if (!fr || !nf) goto out;
+    for (int i = 0; i < ns; i++) {
+        int64_t prev_n = i ? nf[i - 1] : 1, nc = 0;
+        if (prev_n * s[i].n > cap) goto out;
+        cand = malloc((size_t)(prev_n * s[i].n) * sizeof *cand);
+        if (!cand) goto out;
+        for (int64_t k = 0; k < prev_n; k++) {
+            int64_t b0 = i ? fr[i - 1][k].bits : 0;
+            double e0 = i ? fr[i - 1][k].err : 0;
+            for (int o = 0; o < s[i].n; o++) {
+                int64_t b = b0 + s[i].bits[o];
+                if (b > budget) continue;
+                cand[nc++] = (struct pstate){b, e0 + s[i].err[o], (int32_t)k, (int16_t)o};
+            }
+        }
+        qsort(cand, (size_t)nc, sizeof *cand, cmp_pstate);
+        int64_t w = 0; /* keep strictly decreasing error along increasing bits */
+        for (int64_t k = 0; k < nc; k++)
+            if (w == 0 || cand[k].err < cand[w - 1].err) cand[w++] = cand[k];
+        if (w == 0) goto out;
+        fr[i] = realloc(cand, (size_t)w * sizeof *cand);
+        if (!fr[i]) { fr[i] = cand; }
+        cand = NULL;
+        nf[i] = w;
+    }
+    /* the last frontier's best error is its last entry; walk the parents back */
+    int64_t k = nf[ns - 1] - 1;
+    for (int i = ns - 1; i >= 0; i--) {
+        choice[i] = fr[i][k].opt;
+        k = fr[i][k].parent;
+    }
+    rc = 0;
+out:
+    free(cand);
+    if (fr) for (int i = 0; i < ns; i++) free(fr[i]);
+    free(fr);
+    free(nf);
+    return rc;
+}
+
 int mb_alloc_solve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *choice) {
     int64_t lo, hi;
     mb_alloc_range(s, ns, &lo, &hi);
     if (budget < lo) return mb_fail(MB_ERANGE, "bit budget %lld below the smallest possible %lld", (long long)budget, (long long)lo);
+    if (pareto_solve(s, ns, budget, choice, 50000000) == 0) return 0; /* exact */
     int64_t unit = budget / 100000 > 0 ? budget / 100000 : 1, B = budget / unit;
     double *dp = malloc((size_t)(B + 1) * sizeof *dp), *nd = malloc((size_t)(B + 1) * sizeof *nd);
     uint8_t *bt = malloc((size_t)ns * (size_t)(B + 1));
@@ -84,6 +167,8 @@ int mb_alloc_solve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *c
             c -= (s[i].bits[o] + unit - 1) / unit;
         }
     }
+    greedy_fill(s, ns, budget, choice);
+    pair_improve(s, ns, budget, choice);
     greedy_fill(s, ns, budget, choice);
     free(dp); free(nd); free(bt);
     return rc;

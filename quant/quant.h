@@ -115,8 +115,9 @@ struct mb_alloc_slot {
 };
 /* Smallest and largest total bits over all choices. */
 void mb_alloc_range(const struct mb_alloc_slot *s, int ns, int64_t *min_bits, int64_t *max_bits);
-/* Exact dynamic program over bits in units of budget/100000 (costs rounded up, so the result fits),
- * then a greedy pass that spends what is left on the best error-per-bit upgrades. choice [ns]. */
+/* Exact minimum: dynamic program over the Pareto frontier of (exact bits, summed error). Should the
+ * frontier grow too large, a dynamic program over bits in units of budget/100000 (costs rounded up, so the
+ * result fits) followed by greedy and pairwise-exchange passes. choice [ns]. */
 int mb_alloc_solve(const struct mb_alloc_slot *s, int ns, int64_t budget, int *choice);
 /* Simulated annealing baseline in the style of the reference converter (random single-slot moves,
  * geometric cooling, best feasible kept, then the same greedy fill). */
