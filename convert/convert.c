@@ -340,6 +340,22 @@ static int collect_hessians(struct conv *cv, struct mb_fwd *f, struct mb_layer_w
     return rc;
 }
 
+/* GPTQ (or round-to-nearest) of one projection of module m with `setting`; its name goes to ln */
+static int gptq_projection(const struct conv *cv, struct mb_layer_w *w, const struct hset *hs, int m, int proj, int expert, const char *setting,
+                           int rtn, char *ln, size_t lnsz, struct mb_qresult *qr) {
+    struct mb_qsetting q;
+    int rc = mb_qsetting_parse(setting, &q);
+    if (rc) return rc;
+    int64_t N, K;
+    proj_shape(cv->c, proj, &N, &K);
+    linear_name(cv, m / 2, proj, expert, ln, lnsz);
+    struct mb_gptq_params gp;
+    mb_gptq_default_params(&gp);
+    gp.name = ln;
+    gp.rtn = rtn;
+    return mb_gptq_quantize(*weight_slot(w, proj, expert), N, K, hess_for(hs, m, proj, expert), &q, &gp, qr);
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* measurement                                                                                     */
 
@@ -376,18 +392,9 @@ static int measure_module(struct conv *cv, struct mb_fwd *f, int m) {
     for (int pi = 0; pi < np && !rc; pi++)
         for (int e = 0; e < ne && !rc; e++)
             for (int k = 0; k < nd[pi] && !rc; k++) {
-                struct mb_qsetting q;
-                mb_qsetting_parse(dist[pi][k], &q);
-                int64_t N, K;
-                proj_shape(c, projs[pi], &N, &K);
                 char ln[160];
-                linear_name(cv, layer, projs[pi], ne > 1 ? e : -1, ln, sizeof ln);
-                struct mb_gptq_params gp;
-                mb_gptq_default_params(&gp);
-                gp.name = ln;
                 struct mb_qresult qr;
-                float **slot = weight_slot(w, projs[pi], ne > 1 ? e : -1);
-                if ((rc = mb_gptq_quantize(*slot, N, K, hess_for(&hs, m, projs[pi], ne > 1 ? e : -1), &q, &gp, &qr))) break;
+                if ((rc = gptq_projection(cv, w, &hs, m, projs[pi], ne > 1 ? e : -1, dist[pi][k], 0, ln, sizeof ln, &qr))) break;
                 var[(pi * OPT_STRIDE + k) * ne + e].wq = qr.wq;
                 qr.wq = NULL;
                 mb_qresult_free(&qr);
@@ -514,19 +521,11 @@ static int quant_module(struct conv *cv, struct mb_fwd *f, int m) {
     maybe_kill("quant", m);
     for (int pi = 0; pi < np && !rc; pi++)
         for (int e = 0; e < ne && !rc; e++) {
-            struct mb_qsetting q;
-            if ((rc = mb_qsetting_parse(cv->p->uniform ? cv->p->uniform : setting_of(m, row, pi), &q))) break;
-            int64_t N, K;
-            proj_shape(c, projs[pi], &N, &K);
             char ln[160];
-            linear_name(cv, layer, projs[pi], ne > 1 ? e : -1, ln, sizeof ln);
-            struct mb_gptq_params gp;
-            mb_gptq_default_params(&gp);
-            gp.name = ln;
-            gp.rtn = cv->p->rtn;
             struct mb_qresult qr;
+            const char *setting = cv->p->uniform ? cv->p->uniform : setting_of(m, row, pi);
+            if ((rc = gptq_projection(cv, w, &hs, m, projs[pi], ne > 1 ? e : -1, setting, cv->p->rtn, ln, sizeof ln, &qr))) break;
             float **slot = weight_slot(w, projs[pi], ne > 1 ? e : -1);
-            if ((rc = mb_gptq_quantize(*slot, N, K, hess_for(&hs, m, projs[pi], ne > 1 ? e : -1), &q, &gp, &qr))) break;
             struct mb_exl2_packed pk;
             rc = mb_qresult_pack(&qr, ln, &pk);
             if (!rc) rc = add_packed(&es, ln, &pk);
