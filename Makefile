@@ -34,7 +34,7 @@ KERNEL_C = $(filter-out kernels/cuda_stub.c,$(wildcard kernels/*.c))
 ifeq ($(CUDA),1)
 CU_OBJ = $(CU_SRC:%.cu=$(BUILD)/%.o)
 LIB_SRC += $(KERNEL_C)
-LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart_static -ldl -lrt -lpthread -lstdc++
+LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lpthread -lstdc++
 else
 CU_OBJ =
 LIB_SRC += $(KERNEL_C) kernels/cuda_stub.c
@@ -44,7 +44,7 @@ LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o) $(CU_OBJ)
 CLI_OBJ = $(patsubst %.c,$(BUILD)/%.o,$(wildcard cli/*.c))
 TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
-BENCH_SRC = $(wildcard bench/bench_*.c)
+BENCH_SRC = $(wildcard bench/bench_*.c) bench/synth_model.c
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all test check asan gpu-test bench-gpu fuzz bench clean
@@ -66,7 +66,7 @@ $(BUILD)/%.o: %.c Makefile
 
 $(BUILD)/%.o: %.cu Makefile
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-fPIC -MMD -MP -c -o $@ $<
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -DMB_CUDA_LIB_DIR='"$(CUDA_HOME)/lib64"' -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-fPIC -MMD -MP -c -o $@ $<
 
 $(BUILD)/tests/%: tests/%.c $(BUILD)/libmixbit.a tests/harness.h
 	@mkdir -p $(dir $@)

@@ -27,7 +27,7 @@ static int bench_time(int reps) {
         for (int64_t i = 0; i < N * K; i++) w[i] = 0.02f * mb_rng_normal(&g);
         for (int64_t i = 0; i < M * K; i++) x[i] = mb_rng_normal(&g);
         struct mb_hessian h;
-        if (mb_hessian_init(&h, K)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
+        if (mb_hessian_init(&h, NULL, K)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
         double t0 = mb_now();
         mb_hessian_add(&h, x, M);
         double th = mb_now() - t0;
@@ -41,7 +41,8 @@ static int bench_time(int reps) {
                 mb_gptq_default_params(&gp);
                 struct mb_qresult res;
                 t0 = mb_now();
-                if (mb_gptq_quantize(w, N, K, &h, &qs, &gp, &res)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
+                struct mb_weight wv = mb_weight_view_f32(w, N, K, "bench");
+                if (mb_gptq_quantize(&wv, &h, &qs, &gp, &res)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
                 t[r] = mb_now() - t0;
                 mb_qresult_free(&res);
             }
@@ -57,11 +58,12 @@ static int bench_time(int reps) {
 }
 
 struct hcap { struct mb_hessian h[64][MB_CAP_COUNT]; };
-static void cap_fn(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K) {
+static int cap_fn(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K) {
     struct hcap *c = user;
-    if (!c->h[layer][which].H) mb_hessian_init(&c->h[layer][which], K);
-    mb_hessian_add(&c->h[layer][which], x, M);
+    int rc;
+    if (!c->h[layer][which].H && (rc = mb_hessian_init(&c->h[layer][which], NULL, K))) return rc;
     (void)expert;
+    return mb_hessian_add(&c->h[layer][which], x, M);
 }
 
 static int bench_kjv(const char *shared) {
@@ -83,9 +85,8 @@ static int bench_kjv(const char *shared) {
     mb_fwd_embed(&f, rows, R * L, x);
     struct mb_layer_w *lw[64];
     for (int l = 0; l < nl; l++) {
-        mb_layer_load(m, l, &lw[l]);
-        mb_fwd_attn(&f, lw[l], x, R, L, &cap);
-        mb_fwd_mlp(&f, lw[l], x, R * L, &cap);
+        if (mb_layer_load(m, &mb_ops_cpu, l, 0, &lw[l]) || mb_fwd_module(&f, lw[l], 2 * l, x, R, L, &cap) ||
+            mb_fwd_module(&f, lw[l], 2 * l + 1, x, R, L, &cap)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
     }
     /* distinct settings per projection kind */
     const int capof[MB_P_COUNT] = {MB_CAP_QKV, MB_CAP_QKV, MB_CAP_QKV, MB_CAP_O, MB_CAP_GATEUP, MB_CAP_GATEUP, MB_CAP_DOWN};
@@ -112,11 +113,15 @@ static int bench_kjv(const char *shared) {
                 for (int i = 0; i < m->n_ex; i++) if (m->ex[i].layer == l && m->ex[i].proj == p) N = m->ex[i].rows;
                 struct mb_gptq_params gp;
                 mb_gptq_default_params(&gp);
+                gp.keep_wq = 1;
                 struct mb_qresult rg, rr;
-                if (mb_gptq_quantize(lw[l]->w[p], N, K, h, &qs, &gp, &rg)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
+                if (mb_gptq_quantize(&lw[l]->w[p], h, &qs, &gp, &rg)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
                 gp.rtn = 1;
-                if (mb_gptq_quantize(lw[l]->w[p], N, K, h, &qs, &gp, &rr)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
-                double eg = mb_output_error(lw[l]->w[p], rg.wq, N, K, h), er = mb_output_error(lw[l]->w[p], rr.wq, N, K, h);
+                if (mb_gptq_quantize(&lw[l]->w[p], h, &qs, &gp, &rr)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
+                float *w32 = malloc((size_t)(N * K) * sizeof *w32);
+                if (!w32 || mb_weight_rows_f32(&lw[l]->w[p], 0, N, w32)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
+                double eg = mb_output_error(w32, rg.wq, N, K, h), er = mb_output_error(w32, rr.wq, N, K, h);
+                free(w32);
                 sg += eg;
                 sr += er;
                 better += eg < er;

@@ -1,82 +1,66 @@
-/* calib/calib.h: the forward pass (Llama / Mistral / Mixtral), executed one decoder module at a time over
- * a batch of sequences, perplexity and KL divergence.
+/* calib/calib.h: the forward pass (Llama / Mistral / Mixtral), written once against the operations table of
+ * kernels/kernels.h and streamed one decoder module at a time; calibration (hidden states of the
+ * calibration rows, Hessians), measurement of the quantization options, perplexity and KL divergence.
  *
- * The model is written once against a table of operations (struct mb_ops). calib/ops_cpu.c implements it
- * on the CPU (OpenMP, OpenBLAS sgemm); a CUDA table implements the same signatures on device buffers.
- * All activations are f32; weights are converted to f32 when a layer is loaded (F32/F16/BF16 from the
- * mmap, EXL2 by dequantizing).
+ * One runner (struct mb_fwd) serves every job: perplexity runs all modules over a batch of windows,
+ * calibration / measurement / quantization run one module over all calibration rows in chunks. Weights are
+ * views in their stored dtype (struct mb_weight), acquired one layer at a time through the runner, which
+ * prefetches the next layer while the current one computes; nothing holds the whole model.
  *
- * Layout conventions: activations are row-major [rows, features]; a batch of S sequences of T tokens is
- * [S*T, H] with sequence s at rows s*T .. s*T+T-1. Linear weights are stored as Hugging Face does, W [N, K]
- * (out, in), and y [M, N] = x [M, K] @ W^T.
+ * Modules: m = 0 .. 2*layers-1; even m is layer m/2's attention block, odd m its MLP / MoE block.
+ * Layout conventions: see kernels.h (activations [rows, features] f32, S sequences of T tokens as [S*T, H]).
  */
 #ifndef MB_CALIB_H
 #define MB_CALIB_H
 
 #include "../core/core.h"
 #include "../formats/formats.h"
+#include "../kernels/kernels.h"
+#include "../quant/quant.h"
 
 /* ------------------------------------------------------------------------------------------------ */
-/* operations table                                                                                 */
+/* weights                                                                                          */
 
-struct mb_ops {
-    const char *name;
-    void *(*alloc)(size_t bytes);                  /* NULL on failure */
-    void (*free)(void *p);
-    /* y [M, N] = x [M, K] @ W^T, W [N, K]; accumulate: y += instead of y = */
-    void (*matmul)(float *y, const float *x, const float *w, int64_t M, int64_t K, int64_t N, int accumulate);
-    /* out [M, H] = x * rsqrt(mean(x^2) + eps) * w */
-    void (*rmsnorm)(float *out, const float *x, const float *w, int64_t M, int64_t H, float eps);
-    /* rotate heads of x [S*T, n_heads*hd] in place; cos/sin tables [T, hd/2] (position t of each sequence) */
-    void (*rope)(float *x, int64_t S, int64_t T, int64_t n_heads, int64_t hd, const float *cos_t, const float *sin_t);
-    /* out [S*T, nh*hd] = causal softmax(q k^T / sqrt(hd)) v per sequence and head, kv heads shared by
-     * nh/nkv query heads; window > 0 limits each query to the last `window` keys (Mistral) */
-    void (*attention)(float *out, const float *q, const float *k, const float *v, int64_t S, int64_t T, int64_t nh,
-                      int64_t nkv, int64_t hd, int64_t window);
-    /* g [n] = silu(g) * u */
-    void (*swiglu)(float *g, const float *u, int64_t n);
-    /* x [n] += y */
-    void (*add)(float *x, const float *y, int64_t n);
-};
+/* Host view of one weight matrix of the model ([rows, cols] of its mb_expect entry): a float checkpoint's
+ * tensor in its stored dtype (zero-copy into the mapping), or an EXL2 module's q_* tensors. The view's name
+ * points into the checkpoint and lives as long as the model. */
+int mb_model_weight(const struct mb_model *m, const char *module, int64_t rows, int64_t cols, struct mb_weight *out);
 
-extern const struct mb_ops mb_ops_cpu;
-
-/* ------------------------------------------------------------------------------------------------ */
-/* weights of one decoder layer, f32                                                                */
-
+/* Weights of one decoder layer, loaded for a backend */
 struct mb_layer_w {
     int layer;
-    float *attn_norm, *mlp_norm; /* [H] */
-    float *w[MB_P_COUNT];        /* dense projections [N, K]; for MoE only q, k, v, o */
-    float *router;               /* [E, H] */
-    float **xw[3];               /* experts: xw[0][e] gate (w1) [ffn, H], xw[1][e] up (w3), xw[2][e] down (w2) [H, ffn] */
+    float *attn_norm, *mlp_norm;    /* [H] f32 backend buffers */
+    struct mb_weight w[MB_P_COUNT]; /* dense projections [N, K]; for MoE only q, k, v, o */
+    struct mb_weight router;        /* [E, H] */
+    struct mb_weight *xw[3];        /* experts: xw[0][e] gate (w1) [ffn, H], xw[1][e] up (w3), xw[2][e] down (w2) [H, ffn] */
     int n_experts;
+    const struct mb_ops *ops;
 };
 
-/* Load a layer from the model (converted to f32; EXL2 layers dequantized). Owned; mb_layer_free. */
-int mb_layer_load(const struct mb_model *m, int layer, struct mb_layer_w **out);
+/* Load layer `layer` for ops (async: start the copies / read-ahead and return). Owned; mb_layer_free. */
+int mb_layer_load(const struct mb_model *m, const struct mb_ops *ops, int layer, int async, struct mb_layer_w **out);
 void mb_layer_free(struct mb_layer_w *w);
-
-/* Load one weight matrix ([rows, cols] of expect) as f32: float checkpoints convert, EXL2 dequantizes. */
-int mb_weight_f32(const struct mb_model *m, const char *module, int64_t rows, int64_t cols, float *out);
+/* The slot of projection p (expert e, or -1) in a layer */
+struct mb_weight *mb_layer_slot(struct mb_layer_w *w, int proj, int expert);
 
 /* ------------------------------------------------------------------------------------------------ */
-/* forward pass                                                                                     */
+/* the runner                                                                                       */
 
-/* Intermediate inputs of the linear layers, for Hessians (calibration). Called from the forward pass
- * with the rows that the named group of projections consumes:
- *   MB_CAP_QKV   x [M, H]      normed input of q/k/v
- *   MB_CAP_O     x [M, nh*hd]  attention output, input of o_proj
- *   MB_CAP_GATEUP x [M, H]     normed input of gate/up (MoE: all tokens, for every expert's w1/w3)
- *   MB_CAP_DOWN  x [M, ffn]    input of down (MoE: the rows routed to `expert`) */
+/* Intermediate inputs of the linear layers, for Hessians. Called from the forward pass with a backend
+ * buffer of the runner's ops table holding the rows that the named group of projections consumes:
+ *   MB_CAP_QKV    x [M, H]      normed input of q/k/v
+ *   MB_CAP_O      x [M, nh*hd]  attention output, input of o_proj
+ *   MB_CAP_GATEUP x [M, H]      normed input of gate/up (MoE: all tokens, for every expert's w1/w3)
+ *   MB_CAP_DOWN   x [M, ffn]    input of down (MoE: the rows routed to `expert`)
+ * A non-zero return stops the forward pass with that status. */
 enum mb_cap { MB_CAP_QKV, MB_CAP_O, MB_CAP_GATEUP, MB_CAP_DOWN, MB_CAP_COUNT };
 struct mb_capture {
-    void (*fn)(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K);
+    int (*fn)(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K);
     void *user;
     /* MoE: make sure every expert sees at least this many rows for its down-projection Hessian; starved
      * experts also get the rows that rank them highest (their outputs are not used) */
     int64_t min_expert_rows;
-    /* MoE: tokens routed to each expert, accumulated [n_layers][n_experts] (optional) */
+    /* MoE: tokens routed to each expert, accumulated [n_layers][n_experts] (optional, host) */
     int64_t *expert_tokens;
 };
 
@@ -87,27 +71,90 @@ struct mb_fwd {
     int64_t max_rows; /* S*T capacity of the buffers */
     int64_t max_T;
     float *cos_t, *sin_t; /* [max_T, hd/2] */
-    /* scratch */
-    float *xn, *q, *k, *v, *att, *g, *u, *tmp, *rl;
-    float *embed;   /* [vocab, H] f32, or NULL when read per row from the mmap */
-    float *norm;    /* final norm [H] */
-    float *head;    /* [vocab, H] f32 */
-    int64_t moe_cap;
-    float *xg, *xgo; int64_t *rowidx; float *roww;
+    /* scratch (backend buffers) */
+    float *xn, *q, *k, *v, *att, *g, *u, *tmp;
+    float *rl, *probs, *wsel, *roww, *xg, *xgo; /* MoE */
+    int32_t *sel, *rowidx;
+    /* embeddings, final norm, head: loaded views and a vector */
+    struct mb_weight embed, head;
+    float *norm;
+    /* layer streaming: the current layer and the one being prefetched */
+    struct mb_layer_w *cur, *next;
 };
 
-/* Allocate buffers for batches of up to max_rows rows and sequences of up to max_T tokens. Loads the
- * embeddings, final norm and head (f32). */
+/* Buffers for batches of up to max_rows rows and sequences of up to max_T tokens; loads embeddings, final
+ * norm and head for the backend. */
 int mb_fwd_init(struct mb_fwd *f, const struct mb_model *m, const struct mb_ops *ops, int64_t max_rows, int64_t max_T);
 void mb_fwd_free(struct mb_fwd *f);
-/* x [M, H] = embeddings of ids [M] */
+/* x [M, H] = embeddings of ids [M] (host array) */
 int mb_fwd_embed(struct mb_fwd *f, const int32_t *ids, int64_t M, float *x);
-/* x [S*T, H] += attention block of layer w (input norm, q/k/v, rope, attention, o) */
-int mb_fwd_attn(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int64_t S, int64_t T, const struct mb_capture *cap);
-/* x [M, H] += MLP or MoE block of layer w */
-int mb_fwd_mlp(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int64_t M, const struct mb_capture *cap);
+/* The weights of `layer`, streamed: the runner keeps the current layer and prefetches the next one. Valid
+ * until the next call with another layer. */
+int mb_fwd_layer(struct mb_fwd *f, int layer, const struct mb_layer_w **out);
+/* x [S*T, H] = modules [m0, m1) applied to x, weights streamed */
+int mb_fwd_run(struct mb_fwd *f, int m0, int m1, float *x, int64_t S, int64_t T, const struct mb_capture *cap);
+/* x [S*T, H] = module m with the weights w (the model's, measurement candidates, or quantized ones) */
+int mb_fwd_module(struct mb_fwd *f, const struct mb_layer_w *w, int m, float *x, int64_t S, int64_t T, const struct mb_capture *cap);
 /* logits [M, vocab] of rows x [M, H] (final norm + head); x is not modified */
 int mb_fwd_logits(struct mb_fwd *f, const float *x, int64_t M, float *logits);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* calibration: hidden states, Hessians, measurement                                                */
+
+/* Hidden states of R calibration sequences of L tokens: two buffers [R*L, H] f32, the current module's
+ * input (buf[cur]) and output. Host memory, memory-mapped files under spill_dir (beyond a memory limit;
+ * blocks reserved up front so a full disk fails here), or backend memory (device tables, when they fit). */
+struct mb_states {
+    int64_t R, L, H;
+    float *buf[2];
+    int cur;
+    int mapped;     /* files */
+    int on_backend; /* buffers allocated by the ops table */
+    const struct mb_ops *ops;
+    char path[2][4200];
+};
+/* where: 0 host memory, 1 files in spill_dir, 2 backend memory of ops */
+int mb_states_open(struct mb_states *s, const struct mb_ops *ops, int64_t R, int64_t L, int64_t H, int where, const char *spill_dir);
+void mb_states_close(struct mb_states *s);
+/* Embed rows [R, L] (host ids) into buf[cur] */
+int mb_states_embed(struct mb_states *s, struct mb_fwd *f, const int32_t *rows, int64_t chunk_rows);
+/* buf[cur ^ 1] = module m (weights w) of buf[cur], chunks of whole sequences up to chunk_rows rows; the
+ * capture sees every chunk. Does not flip cur. */
+int mb_states_forward(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, int64_t chunk_rows, const struct mb_capture *cap);
+
+/* Hessians of one module's projections, in the backend's memory: attention: a = q/k/v input, b = o input;
+ * MLP: a = gate/up input, b = down input; MoE: a = gate/up input of all tokens, down[e] per expert */
+struct mb_hset {
+    struct mb_hessian a, b;
+    struct mb_hessian *down;
+    int n_experts;
+    const struct mb_ops *ops;
+};
+void mb_hset_free(struct mb_hset *h);
+/* The Hessian that projection p (expert e or -1) of module m is quantized with */
+const struct mb_hessian *mb_hset_for(const struct mb_hset *h, int m, int p, int expert);
+/* Run module m over the states (buf[cur ^ 1] = module(buf[cur])) collecting its Hessians. MoE: experts get at
+ * least min_expert_rows rows; routed tokens are added to expert_tokens [layers][experts] when not NULL. An
+ * expert that receives no row is an error naming it. */
+int mb_collect_hessians(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, int64_t chunk_rows, int64_t min_expert_rows,
+                        int64_t *expert_tokens, struct mb_hset *hs);
+
+/* Measurement of module m: every projection is GPTQ-quantized once per distinct setting of the option table
+ * (kept packed, never as f32 matrices), then every option row is scored by the relative error of the module
+ * output against the reference output buf[cur ^ 1] (computed by mb_collect_hessians):
+ *   err = mean over sequences of ||Y_q - Y_ref||_F / ||Y_ref||_F,  accuracy = 1 - err (at least 1e-6)
+ * acc [t->n]. Fails when every option has accuracy below 0.1 (an inference or measurement error). */
+int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs,
+                      const struct mb_module_table *t, int64_t chunk_rows, double *acc);
+
+/* Quantize the projections of module m with one row of its option table (or the given setting for every
+ * projection when `uniform`), GPTQ (rtn: round to nearest) and EXL2 packing with the self-check. On success
+ * packed [t->nproj * experts] (projection-major) holds the packed tensors (mb_exl2_packed_free each) and *q a
+ * copy of layer w whose module-m projections are those packed layers, loaded for the backend (it shares w's
+ * other weights: use it while w is loaded; free with mb_quantized_free). */
+int mb_quantize_module(const struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs, const struct mb_module_table *t,
+                       int row, const char *uniform, int rtn, struct mb_exl2_packed *packed, struct mb_layer_w **q);
+void mb_quantized_free(struct mb_layer_w *q, int m, const struct mb_module_table *t);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* perplexity / KL divergence                                                                       */

@@ -41,11 +41,16 @@ struct ppl_state {
     const struct mb_ppl_params *p;
     const struct mb_ops *ops;
     struct mb_fwd f;
-    struct mb_layer_w **layers;
     int64_t rows, H, V, head_rows;
+    /* backend buffers: hidden states, scored rows, logits and per-row results */
     float *x, *xs, *logits;
-    int32_t *bids, *tgt, *tk_ids;
-    float *tk_v;
+    int32_t *sidx_b, *tgt_b, *ids_b, *am_b;
+    double *lse_b;
+    float *tl_b, *vals_b;
+    /* host */
+    int32_t *bids, *sidx, *tgt, *tk_ids, *ref_ids, *am;
+    float *tk_v, *tl, *ref_lq;
+    double *lse;
     /* token stream: tok[i] is stream position base + i */
     int32_t *tok;
     int64_t base, ntok, cap, consumed;
@@ -64,8 +69,8 @@ struct ppl_state {
     int saving;
     FILE *kf;
     int K, kref;
-    uint8_t *rec;
-    size_t recsz;
+    uint8_t *rec, *srec; /* reference records read for KLD (head_rows of them), one record being saved */
+    size_t recsz, srecsz;
     struct mb_progress pr;
     double t0;
     uint64_t ref_positions, ref_hash, ref_n;
@@ -75,34 +80,6 @@ static void put32(uint8_t *b, uint32_t v) { for (int i = 0; i < 4; i++) b[i] = (
 static void put64(uint8_t *b, uint64_t v) { for (int i = 0; i < 8; i++) b[i] = (uint8_t)(v >> (8 * i)); }
 static uint32_t get32(const uint8_t *b) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | b[i]; return v; }
 static uint64_t get64(const uint8_t *b) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | b[i]; return v; }
-
-/* top-k of row x [V] into ids/vals (sorted descending) with a min-heap */
-static void topk_row(const float *x, int64_t V, int k, int32_t *ids, float *vals) {
-    int n = 0;
-    for (int64_t i = 0; i < V; i++) {
-        float v = x[i];
-        if (n < k) {
-            int j = n++;
-            ids[j] = (int32_t)i; vals[j] = v;
-            while (j > 0) { int pj = (j - 1) / 2; if (vals[pj] <= vals[j]) break; float tv = vals[pj]; vals[pj] = vals[j]; vals[j] = tv; int32_t ti = ids[pj]; ids[pj] = ids[j]; ids[j] = ti; j = pj; }
-        } else if (v > vals[0]) {
-            vals[0] = v; ids[0] = (int32_t)i;
-            int j = 0;
-            for (;;) {
-                int l = 2 * j + 1, r = l + 1, m = j;
-                if (l < n && vals[l] < vals[m]) m = l;
-                if (r < n && vals[r] < vals[m]) m = r;
-                if (m == j) break;
-                float tv = vals[m]; vals[m] = vals[j]; vals[j] = tv; int32_t ti = ids[m]; ids[m] = ids[j]; ids[j] = ti; j = m;
-            }
-        }
-    }
-    for (int i = 1; i < n; i++) { /* heap -> descending (insertion sort, k small) */
-        float v = vals[i]; int32_t id = ids[i]; int j = i - 1;
-        while (j >= 0 && (vals[j] < v || (vals[j] == v && ids[j] > id))) { vals[j + 1] = vals[j]; ids[j + 1] = ids[j]; j--; }
-        vals[j + 1] = v; ids[j + 1] = id;
-    }
-}
 
 static int write_header(struct ppl_state *st) {
     uint8_t h[LP_HEADER];
@@ -120,50 +97,72 @@ static int write_header(struct ppl_state *st) {
     return 0;
 }
 
-/* score the rows gathered in xs (targets tgt) */
+/* score the rows gathered in xs (targets tgt): per-row statistics on the backend, the sums on the host in
+ * row order */
 static int score_rows(struct ppl_state *st, int64_t ns) {
+    const struct mb_ops *o = st->ops;
     int64_t V = st->V, H = st->H;
     int rc = 0, K = st->K;
+    if ((rc = o->upload(st->tgt_b, st->tgt, (size_t)ns * sizeof *st->tgt))) return rc;
     for (int64_t r0 = 0; r0 < ns && !rc; r0 += st->head_rows) {
         int64_t nr = ns - r0 < st->head_rows ? ns - r0 : st->head_rows;
         if ((rc = mb_fwd_logits(&st->f, st->xs + r0 * H, nr, st->logits))) break;
+        o->logit_stats(st->logits, nr, V, st->tgt_b + r0, st->lse_b, st->tl_b, st->am_b);
+        if ((rc = o->download(st->lse, st->lse_b, (size_t)nr * sizeof *st->lse)) || (rc = o->download(st->tl, st->tl_b, (size_t)nr * sizeof *st->tl)) ||
+            (rc = o->download(st->am, st->am_b, (size_t)nr * sizeof *st->am)))
+            break;
+        if (st->saving) {
+            o->topk(st->logits, nr, V, K, st->ids_b, st->vals_b);
+            if ((rc = o->download(st->tk_ids, st->ids_b, (size_t)(nr * K) * sizeof *st->tk_ids)) ||
+                (rc = o->download(st->tk_v, st->vals_b, (size_t)(nr * K) * sizeof *st->tk_v)))
+                break;
+        }
+        if (st->kf) { /* the reference records of these rows, and this model's logits at their ids */
+            for (int64_t i = 0; i < nr && !rc; i++) {
+                uint8_t *rec = st->rec + (size_t)i * st->recsz;
+                if (fread(rec, 1, st->recsz, st->kf) != st->recsz) { rc = mb_fail(MB_EINVAL, "%s: has fewer positions than this run (made on another text?)", st->p->kld); break; }
+                for (int k = 0; k < st->kref; k++) {
+                    uint32_t id = get32(rec + 8 * k);
+                    if (id >= (uint32_t)V) { rc = mb_fail(MB_EFORMAT, "%s: token id %u out of range", st->p->kld, id); break; }
+                    st->ref_ids[i * st->kref + k] = (int32_t)id;
+                }
+            }
+            if (rc) break;
+            if ((rc = o->upload(st->ids_b, st->ref_ids, (size_t)(nr * st->kref) * sizeof *st->ref_ids))) break;
+            o->gather_cols(st->logits, nr, V, st->ids_b, st->kref, st->vals_b);
+            if ((rc = o->download(st->ref_lq, st->vals_b, (size_t)(nr * st->kref) * sizeof *st->ref_lq))) break;
+        }
         for (int64_t i = 0; i < nr && !rc; i++) {
-            const float *lg = st->logits + i * V;
-            float mx = lg[0];
-            int32_t am = 0;
-            for (int64_t v = 1; v < V; v++) if (lg[v] > mx) { mx = lg[v]; am = (int32_t)v; }
-            double se = 0;
-            for (int64_t v = 0; v < V; v++) se += exp((double)lg[v] - mx);
-            double lse = mx + log(se);
-            st->nll_sum += lse - lg[st->tgt[r0 + i]];
+            double lse = st->lse[i];
+            st->nll_sum += lse - st->tl[i];
             if (st->saving) {
-                topk_row(lg, V, K, st->tk_ids, st->tk_v);
+                const int32_t *ids = st->tk_ids + i * K;
+                const float *vals = st->tk_v + i * K;
+                uint8_t *rec = st->srec;
                 double mass = 0;
                 for (int k = 0; k < K; k++) {
-                    double lp = st->tk_v[k] - lse;
+                    double lp = vals[k] - lse;
                     mass += exp(lp);
-                    put32(st->rec + 8 * k, (uint32_t)st->tk_ids[k]);
+                    put32(rec + 8 * k, (uint32_t)ids[k]);
                     float fl = (float)lp;
-                    memcpy(st->rec + 8 * k + 4, &fl, 4);
+                    memcpy(rec + 8 * k + 4, &fl, 4);
                 }
                 float rest = mass < 1 ? (float)log1p(-mass) : -INFINITY;
-                memcpy(st->rec + 8 * K, &rest, 4);
-                if (fwrite(st->rec, 1, st->recsz, st->af.f) != st->recsz) { rc = mb_fail(MB_EIO, "%s: write failed", st->p->save_logprobs); break; }
+                memcpy(rec + 8 * K, &rest, 4);
+                if (fwrite(rec, 1, st->srecsz, st->af.f) != st->srecsz) { rc = mb_fail(MB_EIO, "%s: write failed", st->p->save_logprobs); break; }
             }
             if (st->kf) {
-                if (fread(st->rec, 1, st->recsz, st->kf) != st->recsz) { rc = mb_fail(MB_EINVAL, "%s: has fewer positions than this run (made on another text?)", st->p->kld); break; }
+                const uint8_t *rec = st->rec + (size_t)i * st->recsz;
                 double kl = 0, qmass = 0;
                 for (int k = 0; k < st->kref; k++) {
-                    uint32_t id = get32(st->rec + 8 * k);
                     float lp;
-                    memcpy(&lp, st->rec + 8 * k + 4, 4);
-                    if (id >= (uint32_t)V) { rc = mb_fail(MB_EFORMAT, "%s: token id %u out of range", st->p->kld, id); break; }
-                    double lq = lg[id] - lse, pp = exp((double)lp);
+                    memcpy(&lp, rec + 8 * k + 4, 4);
+                    double lq = st->ref_lq[i * st->kref + k] - lse, pp = exp((double)lp);
                     kl += pp * ((double)lp - lq);
                     qmass += exp(lq);
                 }
                 float rest;
-                memcpy(&rest, st->rec + 8 * st->kref, 4);
+                memcpy(&rest, rec + 8 * st->kref, 4);
                 double prest = isfinite(rest) ? exp((double)rest) : 0, qrest = 1 - qmass;
                 if (qrest < 1e-30) qrest = 1e-30;
                 if (prest > 0) kl += prest * ((double)rest - log(qrest));
@@ -171,7 +170,7 @@ static int score_rows(struct ppl_state *st, int64_t ns) {
                 st->kld_sum += kl;
                 int bin = kl <= 0 ? 0 : (int)floor((log10(kl) - KH_LO) / (KH_HI - KH_LO) * KH_BINS);
                 st->khist[bin < 0 ? 0 : bin >= KH_BINS ? KH_BINS - 1 : bin]++;
-                st->same += get32(st->rec) == (uint32_t)am;
+                st->same += get32(rec) == (uint32_t)st->am[i];
             }
             st->scored++;
         }
@@ -189,18 +188,16 @@ static int run_pending(struct ppl_state *st) {
         if (st->pend[s].bos) st->bids[s * T] = (int32_t)(st->c->bos_id >= 0 ? st->c->bos_id : 1);
     }
     if ((rc = mb_fwd_embed(&st->f, st->bids, S * T, st->x))) return rc;
-    for (int l = 0; l < st->c->n_layers && !rc; l++) {
-        rc = mb_fwd_attn(&st->f, st->layers[l], st->x, S, T, NULL);
-        if (!rc) rc = mb_fwd_mlp(&st->f, st->layers[l], st->x, S * T, NULL);
-    }
-    if (rc) return rc;
+    if ((rc = mb_fwd_run(&st->f, 0, (int)(2 * st->c->n_layers), st->x, S, T, NULL))) return rc;
     st->evaluated += S * T;
     int64_t ns = 0;
     for (int64_t s = 0; s < S; s++)
         for (int64_t t = st->pend[s].lo; t < st->pend[s].hi; t++) {
-            memcpy(st->xs + ns * H, st->x + (s * T + t - 1) * H, (size_t)H * sizeof *st->xs);
+            st->sidx[ns] = (int32_t)(s * T + t - 1);
             st->tgt[ns++] = st->tok[st->pend[s].begin - st->base + t];
         }
+    if ((rc = st->ops->upload(st->sidx_b, st->sidx, (size_t)ns * sizeof *st->sidx))) return rc;
+    st->ops->gather_rows(st->xs, st->x, st->sidx_b, ns, H);                       // xs [ns, H]: the scored rows
     rc = score_rows(st, ns);
     st->npend = 0;
     mb_progress_update(&st->pr, st->consumed);
@@ -276,13 +273,14 @@ static int ppl_feed(const int32_t *ids, int64_t n, void *user) {
 static void ppl_free(struct ppl_state *st) {
     if (st->saving && st->af.f) mb_atomic_abort(&st->af);
     if (st->kf) fclose(st->kf);
-    if (st->layers) for (int l = 0; l < st->c->n_layers; l++) mb_layer_free(st->layers[l]);
-    free(st->layers);
     if (st->f.ops) {
-        st->ops->free(st->x); st->ops->free(st->xs); st->ops->free(st->logits);
+        const struct mb_ops *o = st->ops;
+        o->free(st->x); o->free(st->xs); o->free(st->logits);
+        o->free(st->sidx_b); o->free(st->tgt_b); o->free(st->ids_b); o->free(st->am_b); o->free(st->lse_b); o->free(st->tl_b); o->free(st->vals_b);
         mb_fwd_free(&st->f);
     }
-    free(st->bids); free(st->tgt); free(st->tk_ids); free(st->tk_v); free(st->rec); free(st->tok); free(st->pend); free(st->khist);
+    free(st->bids); free(st->sidx); free(st->tgt); free(st->tk_ids); free(st->ref_ids); free(st->am); free(st->tk_v); free(st->tl); free(st->ref_lq);
+    free(st->lse); free(st->rec); free(st->srec); free(st->tok); free(st->pend); free(st->khist);
 }
 
 static int ppl_begin(struct ppl_state *st, const struct mb_model *m, uint64_t tok_hash, const struct mb_ppl_params *p) {
@@ -302,23 +300,37 @@ static int ppl_begin(struct ppl_state *st, const struct mb_model *m, uint64_t to
     st->V = c->vocab;
     st->head_rows = 256;
     st->K = p->topk;
-    st->recsz = (size_t)8 * st->K + 4;
+    st->srecsz = (size_t)8 * st->K + 4;
     int rc;
     if ((rc = mb_fwd_init(&st->f, m, st->ops, st->rows, p->ctx))) return rc;
-    st->x = st->ops->alloc((size_t)(st->rows * st->H) * sizeof(float));
-    st->xs = st->ops->alloc((size_t)(st->rows * st->H) * sizeof(float));
-    st->logits = st->ops->alloc((size_t)(st->head_rows * st->V) * sizeof(float));
-    st->bids = malloc((size_t)st->rows * sizeof *st->bids);
-    st->tgt = malloc((size_t)st->rows * sizeof *st->tgt);
-    st->tk_ids = malloc((size_t)st->K * sizeof *st->tk_ids);
-    st->tk_v = malloc((size_t)st->K * sizeof *st->tk_v);
-    st->rec = malloc(8 * 4096 + 4);
-    st->layers = calloc(c->n_layers, sizeof *st->layers);
-    if (!st->x || !st->xs || !st->logits || !st->bids || !st->tgt || !st->tk_ids || !st->tk_v || !st->rec || !st->layers)
-        return mb_fail(MB_ENOMEM, "out of memory");
-    /* weights stay resident for the run; the forward pass itself touches one layer at a time */
-    for (int l = 0; l < c->n_layers; l++)
-        if ((rc = mb_layer_load(m, l, &st->layers[l]))) return rc;
+    /* k columns per row: top-k (saving) or the reference's k (KLD), at most 4096 */
+    const struct mb_ops *o = st->ops;
+    int64_t R = st->rows, HR = st->head_rows, KC = 4096;
+    st->x = o->alloc((size_t)(R * st->H) * sizeof(float));
+    st->xs = o->alloc((size_t)(R * st->H) * sizeof(float));
+    st->logits = o->alloc((size_t)(HR * st->V) * sizeof(float));
+    st->sidx_b = o->alloc((size_t)R * sizeof(int32_t));
+    st->tgt_b = o->alloc((size_t)R * sizeof(int32_t));
+    st->ids_b = o->alloc((size_t)(HR * KC) * sizeof(int32_t));
+    st->vals_b = o->alloc((size_t)(HR * KC) * sizeof(float));
+    st->am_b = o->alloc((size_t)HR * sizeof(int32_t));
+    st->lse_b = o->alloc((size_t)HR * sizeof(double));
+    st->tl_b = o->alloc((size_t)HR * sizeof(float));
+    st->bids = malloc((size_t)R * sizeof *st->bids);
+    st->sidx = malloc((size_t)R * sizeof *st->sidx);
+    st->tgt = malloc((size_t)R * sizeof *st->tgt);
+    st->tk_ids = malloc((size_t)(HR * st->K) * sizeof *st->tk_ids);
+    st->tk_v = malloc((size_t)(HR * st->K) * sizeof *st->tk_v);
+    st->ref_ids = malloc((size_t)(HR * KC) * sizeof *st->ref_ids);
+    st->ref_lq = malloc((size_t)(HR * KC) * sizeof *st->ref_lq);
+    st->am = malloc((size_t)HR * sizeof *st->am);
+    st->lse = malloc((size_t)HR * sizeof *st->lse);
+    st->tl = malloc((size_t)HR * sizeof *st->tl);
+    st->rec = malloc((size_t)HR * (8 * KC + 4));
+    st->srec = malloc((size_t)8 * KC + 4);
+    if (!st->x || !st->xs || !st->logits || !st->sidx_b || !st->tgt_b || !st->ids_b || !st->vals_b || !st->am_b || !st->lse_b || !st->tl_b || !st->bids ||
+        !st->sidx || !st->tgt || !st->tk_ids || !st->tk_v || !st->ref_ids || !st->ref_lq || !st->am || !st->lse || !st->tl || !st->rec || !st->srec)
+        return mb_fail(MB_ENOMEM, "out of memory for perplexity buffers");
     if (p->save_logprobs) {
         if ((rc = mb_atomic_open(&st->af, p->save_logprobs))) return rc;
         st->saving = 1;
@@ -415,30 +427,28 @@ int mb_seq_nll(const struct mb_model *m, const struct mb_ops *ops, const int32_t
     int rc = mb_fwd_init(&f, m, ops, T, T);
     if (rc) return rc;
     int64_t H = c->hidden, V = c->vocab;
-    float *x = ops->alloc((size_t)(T * H) * sizeof *x), *lg = ops->alloc((size_t)(T * V) * sizeof *lg);
-    if (!x || !lg) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto done; }
+    float *x = ops->alloc((size_t)(T * H) * sizeof *x), *lg = ops->alloc((size_t)(T * V) * sizeof *lg), *tl_b = ops->alloc((size_t)T * sizeof(float));
+    double *lse_b = ops->alloc((size_t)T * sizeof(double)), *lse = malloc((size_t)T * sizeof *lse);
+    int32_t *tgt_b = ops->alloc((size_t)T * sizeof(int32_t)), *am_b = ops->alloc((size_t)T * sizeof(int32_t)), *tgt = malloc((size_t)T * sizeof *tgt);
+    float *tl = malloc((size_t)T * sizeof *tl);
+    int32_t *am = malloc((size_t)T * sizeof *am);
+    if (!x || !lg || !tl_b || !lse_b || !lse || !tgt_b || !am_b || !tgt || !tl || !am) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto done; }
+    for (int64_t i = 0; i < T; i++) tgt[i] = i + 1 < T ? ids[i + 1] : 0;
     if ((rc = mb_fwd_embed(&f, ids, T, x))) goto done;
-    for (int l = 0; l < c->n_layers && !rc; l++) {
-        struct mb_layer_w *w;
-        if ((rc = mb_layer_load(m, l, &w))) break;
-        rc = mb_fwd_attn(&f, w, x, 1, T, NULL);
-        if (!rc) rc = mb_fwd_mlp(&f, w, x, T, NULL);
-        mb_layer_free(w);
-    }
-    if (!rc) rc = mb_fwd_logits(&f, x, T, lg);
-    for (int64_t i = 0; !rc && i + 1 < T; i++) {
-        const float *r = lg + i * V;
-        float mx = r[0];
-        int32_t am = 0;
-        for (int64_t v = 1; v < V; v++) if (r[v] > mx) { mx = r[v]; am = (int32_t)v; }
-        double se = 0;
-        for (int64_t v = 0; v < V; v++) se += exp((double)r[v] - mx);
-        nll[i] = mx + log(se) - r[ids[i + 1]];
-        if (argmax) argmax[i] = am;
+    if ((rc = mb_fwd_run(&f, 0, (int)(2 * c->n_layers), x, 1, T, NULL))) goto done;
+    if ((rc = mb_fwd_logits(&f, x, T, lg))) goto done;
+    if ((rc = ops->upload(tgt_b, tgt, (size_t)T * sizeof *tgt))) goto done;
+    ops->logit_stats(lg, T, V, tgt_b, lse_b, tl_b, am_b);
+    if ((rc = ops->download(lse, lse_b, (size_t)T * sizeof *lse)) || (rc = ops->download(tl, tl_b, (size_t)T * sizeof *tl)) ||
+        (rc = ops->download(am, am_b, (size_t)T * sizeof *am)))
+        goto done;
+    for (int64_t i = 0; i + 1 < T; i++) {
+        nll[i] = lse[i] - tl[i];
+        if (argmax) argmax[i] = am[i];
     }
 done:
-    ops->free(x);
-    ops->free(lg);
+    ops->free(x); ops->free(lg); ops->free(tl_b); ops->free(lse_b); ops->free(tgt_b); ops->free(am_b);
+    free(lse); free(tgt); free(tl); free(am);
     mb_fwd_free(&f);
     return rc;
 }

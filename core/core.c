@@ -326,3 +326,32 @@ float mb_rng_normal(struct mb_rng *r) {
     if (u1 < 1e-300) u1 = 1e-300;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
+
+/* ---- weight views ---- */
+const char *mb_wtype_name(enum mb_wtype t) {
+    switch (t) {
+    case MB_W_F32: return "F32";
+    case MB_W_F16: return "F16";
+    case MB_W_BF16: return "BF16";
+    case MB_W_EXL2: return "EXL2";
+    }
+    return "?";
+}
+
+size_t mb_weight_bytes(const struct mb_weight *w) {
+    if (w->type != MB_W_EXL2) return (size_t)(w->n * w->k) * (w->type == MB_W_F32 ? 4 : 2);
+    const struct mb_exl2_layer *q = &w->q;
+    return (size_t)(q->P * q->Np) * 4 + (size_t)(q->G * q->Np / 8) * 4 + (size_t)q->G * 2 + (size_t)q->G * 4 + (size_t)q->Kp * 4 +
+           (q->bias ? (size_t)q->Np * 2 : 0);
+}
+
+struct mb_weight mb_weight_view_f32(const float *w, int64_t n, int64_t k, const char *name) {
+    struct mb_weight v;
+    memset(&v, 0, sizeof v);
+    v.type = MB_W_F32;
+    v.n = n;
+    v.k = k;
+    v.data = w;
+    v.name = name;
+    return v;
+}

@@ -110,6 +110,30 @@ int mb_copy_file(const char *src, const char *dst);
 /* ---- threads ---- */
 int mb_num_threads(void);
 
+/* ---- weight views ---- */
+#include "exl2_layout.h"
+
+/* Stored types of a weight matrix */
+enum mb_wtype { MB_W_F32, MB_W_F16, MB_W_BF16, MB_W_EXL2 };
+
+/* One weight matrix W [n, k] (out, in: Hugging Face layout) as it is stored, never converted as a whole: a
+ * borrowed view into a safetensors mapping, into packed EXL2 tensors, or into a backend's device copy. The
+ * compute backends multiply by it directly (kernels/kernels.h, struct mb_ops). */
+struct mb_weight {
+    enum mb_wtype type;
+    int64_t n, k;
+    const void *data;       /* F32 / F16 / BF16: row-major [n, k], possibly unaligned for F16/BF16 */
+    struct mb_exl2_layer q; /* EXL2: the packed tensors (q.N = n, q.K = k) */
+    int device;             /* 0: host memory; 1: device memory of the backend that loaded it */
+    void *priv;             /* the loading backend's own form (e.g. an uploaded EXL2 layer); NULL on the host */
+    const char *name;       /* for messages (borrowed) */
+};
+const char *mb_wtype_name(enum mb_wtype t);
+/* Bytes the stored form occupies (q_* tensors for EXL2) */
+size_t mb_weight_bytes(const struct mb_weight *w);
+/* An F32 view of a caller-owned matrix w [n, k] */
+struct mb_weight mb_weight_view_f32(const float *w, int64_t n, int64_t k, const char *name);
+
 /* ---- random (splitmix64 / xoshiro-like, reproducible across platforms) ---- */
 struct mb_rng { uint64_t s; };
 static inline uint64_t mb_rng_next(struct mb_rng *r) {

@@ -6,19 +6,11 @@
 
 #include "formats.h"
 
-static int valid_bits(int b) { return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8; }
+#define valid_bits mb_exl2_bits_ok
 
-float mb_exl2_scale(int code, uint16_t scale_max) {
-    /* scale = half(half(qs^2) * half(scale_max / 256)), qs = code + 1 */
-    float qs = (float)(code + 1);
-    float a = mb_f16_round(qs * qs);
-    float b = mb_f16_round(mb_f16_to_f32(scale_max) / 256.0f);
-    return mb_f16_round(a * b);
-}
-
-static int32_t rd32(const void *p, int64_t i) { int32_t v; memcpy(&v, (const char *)p + 4 * i, 4); return v; }
-static int16_t rd16(const void *p, int64_t i) { int16_t v; memcpy(&v, (const char *)p + 2 * i, 2); return v; }
-static uint16_t rdu16(const void *p, int64_t i) { uint16_t v; memcpy(&v, (const char *)p + 2 * i, 2); return v; }
+static int32_t rd32(const void *p, int64_t i) { return (int32_t)mb_exl2_u32(p, i); }
+static int16_t rd16(const void *p, int64_t i) { return (int16_t)mb_exl2_i16(p, i); }
+static uint16_t rdu16(const void *p, int64_t i) { return (uint16_t)mb_exl2_i16(p, i); }
 
 int mb_exl2_validate(const struct mb_exl2_layer *L, const char *name) {
     if (L->N <= 0 || L->K <= 0) return mb_fail(MB_EFORMAT, "%s: empty layer", name);

@@ -189,37 +189,20 @@ void mb_model_close(struct mb_model *m);
 const char *mb_proj_name(enum mb_proj p, int moe);
 
 /* ------------------------------------------------------------------------------------------------ */
-/* EXL2 tensors of one quantized linear layer (../shared/docs/exl2-format.md)                       */
+/* EXL2 tensors of one quantized linear layer: the layout and the view struct (struct mb_exl2_layer) are  */
+/* defined once for C and CUDA in core/exl2_layout.h; here: validation, reading from a checkpoint, packing  */
 /*
- * K = in_features (rows of W^T), N = out_features, Np = N rounded up to 32, G groups, P packed rows.
- *   q_weight    I32 [P, Np]   per column, the permuted rows' values as one little-endian bit stream per
- *                             group: value i of a b-bit group is bits [i*b, i*b+b) of the group's words;
- *                             unsigned with zero point 2^(b-1); padded columns hold the zero point
- *   q_scale     I32 [G, Np/8] 4-bit sub-scale codes, column n in bits 4*(n%8).. of word n/8
- *   q_scale_max F16 [G]       per-group maximum scale
- *   q_groups    I16 [2G]      (bits, first packed row) per group; widths non-increasing (8, 6, 5, 4, 3, 2)
- *   q_invperm   I32 [K]       inverse act-order permutation: packed row j holds original row perm[j],
- *                             q_invperm[perm[j]] = j
- *   bias        F16 [Np]      optional
- *   w = (q - 2^(b-1)) * scale,  scale = half(half((code+1)^2) * half(q_scale_max / 256))
- *
  * mixbit's rule for K not a multiple of 32 (e.g. stories260K's down_proj, K = 172): the layer is padded to
  * Kp = K rounded up to 32 rows of zero weight, placed last in act order; q_invperm has Kp entries and the
  * padding rows (original index >= K) are dropped when unpacking. ExLlamaV2 itself expects K % 32 == 0,
  * which every real model satisfies.
  */
-struct mb_exl2_layer { /* views (borrowed), possibly unaligned */
-    int64_t K, Kp, N, Np, G, P;
-    const void *q_weight, *q_scale, *q_scale_max, *q_groups, *q_invperm, *bias;
-};
 struct mb_exl2_packed { /* owned buffers */
     int64_t K, N, Np, G, P;
     int32_t *q_weight, *q_scale, *q_invperm;
     uint16_t *q_scale_max;
     int16_t *q_groups;
 };
-/* The fp16 scale of a sub-scale code (0..15) and a group maximum. */
-float mb_exl2_scale(int code, uint16_t scale_max);
 /* Check every structural rule (bit widths, group order, offsets, row counts, permutation). */
 int mb_exl2_validate(const struct mb_exl2_layer *L, const char *name);
 /* Dequantize to W^T [K, N] in original row order (f32, exact product of q and the fp16 scale). */

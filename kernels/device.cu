@@ -1,10 +1,13 @@
 /* kernels/device.cu: GPU detection. A machine without a driver gets MB_ENOCUDA, never a crash. */
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 extern "C" {
 #include "kernels.h"
 }
+#include "cuda_ctx.cuh"
 
 extern "C" int mb_cuda_built(void) { return 1; }
 
@@ -21,6 +24,120 @@ extern "C" int mb_cuda_probe(char *name, size_t name_len) {
     if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) return mb_fail(MB_ENOCUDA, "cannot query CUDA device 0");
     if (name && name_len) snprintf(name, name_len, "%s", prop.name);
     return 0;
+}
+
+extern "C" int mb_cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    int rc = mb_cuda_probe(NULL, 0);
+    if (rc) return rc;
+    cudaError_t e = cudaMemGetInfo(free_bytes, total_bytes);
+    return e == cudaSuccess ? 0 : mb_fail(MB_ENOCUDA, "cudaMemGetInfo: %s", cudaGetErrorString(e));
+}
+
+/* ---- cuBLAS and cuSOLVER, loaded on first use ---- */
+struct mb_cuda_libs mb_cu;
+
+#ifndef MB_CUDA_LIB_DIR
+#define MB_CUDA_LIB_DIR "/usr/local/cuda/lib64"
+#endif
+
+/* dlopen the first of lib.so, lib.so.13, .12, .11 found (the build's CUDA lib directory first) */
+static void *open_lib(const char *base, char *why, size_t why_n) {
+    static const char *suffix[] = {"", ".13", ".12", ".11"};
+    const char *dirs[] = {MB_CUDA_LIB_DIR "/", ""};
+    for (int d = 0; d < 2; d++)
+        for (int k = 0; k < 4; k++) {
+            char path[512];
+            snprintf(path, sizeof path, "%s%s.so%s", dirs[d], base, suffix[k]);
+            void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+            if (h) return h;
+            snprintf(why, why_n, "%s", dlerror());
+        }
+    return NULL;
+}
+
+static int load_blas(void) {
+    static int state; /* 0 not tried, 1 loaded, -1 failed */
+    static char why[512];
+    if (state) return state > 0 ? 0 : mb_fail(MB_ENOCUDA, "cannot load cuBLAS: %s", why);
+    state = -1;
+    void *h = open_lib("libcublas", why, sizeof why);
+    if (!h) return mb_fail(MB_ENOCUDA, "cannot load cuBLAS: %s", why);
+#define MB_CU_LOAD(member, sym)                                                                         \
+    if (!(*(void **)&mb_cu.member = dlsym(h, sym))) {                                                   \
+        snprintf(why, sizeof why, "symbol %s missing", sym);                                            \
+        return mb_fail(MB_ENOCUDA, "cannot load cuBLAS: %s", why);                                      \
+    }
+    MB_CUBLAS_FUNCS(MB_CU_LOAD)
+    state = 1;
+    return 0;
+}
+
+int mb_cuda_load_solver(void) {
+    static int state;
+    static char why[512];
+    if (state) return state > 0 ? 0 : mb_fail(MB_ENOCUDA, "cannot load cuSOLVER: %s", why);
+    state = -1;
+    void *h = open_lib("libcusolver", why, sizeof why);
+    if (!h) return mb_fail(MB_ENOCUDA, "cannot load cuSOLVER: %s", why);
+#undef MB_CU_LOAD
+#define MB_CU_LOAD(member, sym)                                                                         \
+    if (!(*(void **)&mb_cu.member = dlsym(h, sym))) {                                                   \
+        snprintf(why, sizeof why, "symbol %s missing", sym);                                            \
+        return mb_fail(MB_ENOCUDA, "cannot load cuSOLVER: %s", why);                                    \
+    }
+    MB_CUSOLVER_FUNCS(MB_CU_LOAD)
+#undef MB_CU_LOAD
+    state = 1;
+    return 0;
+}
+
+extern "C" int mb_cuda_libs_check(void) {
+    int rc = load_blas();
+    return rc ? rc : mb_cuda_load_solver();
+}
+
+/* ---- the per-device context ---- */
+static struct mb_cuda_ctx g_ctx;
+static int g_ctx_state; /* 0 not tried, 1 ready, -1 failed */
+
+struct mb_cuda_ctx *mb_cuda_ctx(void) {
+    if (g_ctx_state == 1) return &g_ctx;
+    if (g_ctx_state == -1) { mb_fail(MB_ENOCUDA, "CUDA context unavailable"); return NULL; }
+    g_ctx_state = -1;
+    if (mb_cuda_probe(NULL, 0)) return NULL;
+    struct mb_cuda_ctx *c = &g_ctx;
+    c->device = 0;
+    if (cudaSetDevice(0) != cudaSuccess || cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess) {
+        mb_fail(MB_ENOCUDA, "cannot select CUDA device 0");
+        return NULL;
+    }
+    if (cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaStreamCreateWithFlags(&c->copy_stream, cudaStreamNonBlocking) != cudaSuccess) {
+        mb_fail(MB_ENOCUDA, "cannot create CUDA streams");
+        return NULL;
+    }
+    if (load_blas()) return NULL;
+    if (mb_cu.create(&c->blas) != CUBLAS_STATUS_SUCCESS) { mb_fail(MB_ENOCUDA, "cublasCreate failed"); return NULL; }
+    mb_cu.set_stream(c->blas, c->stream);
+    g_ctx_state = 1;
+    return c;
+}
+
+void *mb_cuda_scratch(struct mb_cuda_ctx *cx, int slot, size_t bytes) {
+    if (slot < 0 || slot >= MB_CUDA_SCRATCH_SLOTS) { mb_fail(MB_EINVAL, "scratch slot %d", slot); return NULL; }
+    if (bytes <= cx->scratch_cap[slot]) return cx->scratch[slot];
+    cudaFree(cx->scratch[slot]); /* synchronizes: queued work using the old buffer completes first */
+    cx->scratch[slot] = NULL;
+    cx->scratch_cap[slot] = 0;
+    cudaError_t e = cudaMalloc(&cx->scratch[slot], bytes);
+    if (e != cudaSuccess) {
+        cx->scratch[slot] = NULL;
+        mb_fail(MB_ENOCUDA, "out of device memory for %zu bytes of scratch: %s", bytes, cudaGetErrorString(e));
+        return NULL;
+    }
+    cx->scratch_cap[slot] = bytes;
+    return cx->scratch[slot];
 }
 
 extern "C" int mb_cuda_malloc(void **p, size_t bytes) {
@@ -82,3 +199,4 @@ extern "C" int mb_cuda_copy_bandwidth(size_t bytes, int iters, double *gb_per_s)
     mb_cuda_free(b);
     return mb_cuda_sync();
 }
+

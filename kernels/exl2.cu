@@ -1,5 +1,5 @@
 /* kernels/exl2.cu: EXL2 dequantization and matrix products on the GPU. Entry points and the data layout
- * are described in kernels.h; the file layout in formats.h. Every op has three layers: a static
+ * are described in kernels.h; the file layout in core/exl2_layout.h. Every op has three layers: a static
  * __global__ kernel, a static launcher taking a stream, and one exported C entry returning a status. */
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -10,49 +10,29 @@
 #include <vector>
 
 extern "C" {
-#include "../formats/formats.h"
 #include "kernels.h"
 }
+#include "cuda_ctx.cuh"
 
-#define CUDA_TRY(call, what)                                                                        \
-    do {                                                                                            \
-        cudaError_t e_ = (call);                                                                    \
-        if (e_ != cudaSuccess) return mb_fail(MB_ENOCUDA, "%s: %s", what, cudaGetErrorString(e_)); \
-    } while (0)
 
 struct mb_exl2_dev {
     int64_t K, Kp, N, Np, G, P, nchunks;
     uint32_t *q_weight; /* [P, Np] as in the file */
     __half *scales;     /* [G, N] fp16 scale of every (group, column) */
     int32_t *perm;      /* [Kp] packed row j -> original row (>= K: padding) */
-    int4 *chunks;       /* [nchunks] per 32 packed rows: bits, first packed word row, group, first permuted row */
-    __half *scratch;    /* [K, N] dequantized weights for the large path, allocated on first use */
-    float *partial;     /* split-K partial sums of the small path */
-    int64_t partial_cap;
-    cublasHandle_t blas;
+    int4 *chunks;       /* [nchunks] struct mb_exl2_chunk: bits, first packed word row, group, first permuted row */
 };
 
 /* ---------------------------------------------------------------------------------------------- */
 /* device helpers                                                                                  */
 
-/* 32 values of B bits from B consecutive words of one column (little-endian bit stream) */
-template <int B>
-__device__ __forceinline__ void decode32(const uint32_t *w, int *q) {
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        const int bit = i * B, wi = bit >> 5, sh = bit & 31;
-        uint32_t v = w[wi] >> sh;
-        if (sh + B > 32) v |= w[wi + 1] << (32 - sh);
-        q[i] = (int)(v & ((1u << B) - 1));
-    }
-}
-
+/* 32 values of B bits from B consecutive words of one column (the shared decode, unrolled for a constant B) */
 template <int B>
 __device__ __forceinline__ void load_decode(const uint32_t *qw, int64_t Np, int64_t row, int64_t n, int *q) {
     uint32_t w[B];
 #pragma unroll
     for (int k = 0; k < B; k++) w[k] = __ldg(qw + (row + k) * Np + n);
-    decode32<B>(w, q);
+    mb_exl2_decode32(B, w, q);
 }
 
 __device__ __forceinline__ void load_decode_any(int b, const uint32_t *qw, int64_t Np, int64_t row, int64_t n, int *q) {
@@ -73,10 +53,7 @@ static __global__ void scales_kernel(const uint32_t *q_scale, const __half *smax
     int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, g = blockIdx.y;
     if (n >= N || g >= G) return;
     int code = (int)((q_scale[g * (Np / 8) + n / 8] >> (4 * (n % 8))) & 15);
-    float qs = (float)(code + 1);
-    float a = __half2float(__float2half_rn(qs * qs));
-    float b = __half2float(__float2half_rn(__half2float(smax[g]) / 256.0f));
-    out[g * N + n] = __float2half_rn(a * b);
+    out[g * N + n] = __float2half_rn(mb_exl2_scale(code, __half_as_ushort(smax[g])));
 }
 
 static __global__ void perm_kernel(const int32_t *invperm, int64_t Kp, int32_t *perm) {
@@ -86,25 +63,15 @@ static __global__ void perm_kernel(const int32_t *invperm, int64_t Kp, int32_t *
 
 extern "C" int mb_exl2_dev_upload(const struct mb_exl2_layer *L, struct mb_exl2_dev **out) {
     *out = NULL;
-    char name[32] = "exl2 layer";
     int rc = mb_cuda_probe(NULL, 0);
     if (rc) return rc;
-    if ((rc = mb_exl2_validate(L, name))) return rc;
+    if (L->Kp % MB_EXL2_CHUNK || L->G <= 0 || L->P <= 0) return mb_fail(MB_EINVAL, "EXL2 upload: layer not validated (Kp %lld, G %lld)", (long long)L->Kp, (long long)L->G);
     struct mb_exl2_dev *d = (struct mb_exl2_dev *)calloc(1, sizeof *d);
     if (!d) return mb_fail(MB_ENOMEM, "out of memory");
-    d->K = L->K; d->Kp = L->Kp; d->N = L->N; d->Np = L->Np; d->G = L->G; d->P = L->P; d->nchunks = L->Kp / 32;
-    /* chunk table on the host from q_groups */
-    std::vector<int4> ch((size_t)d->nchunks);
-    int64_t c = 0, row0 = 0;
-    for (int64_t g = 0; g < L->G; g++) {
-        int16_t b, off, next;
-        memcpy(&b, (const char *)L->q_groups + 4 * g, 2);
-        memcpy(&off, (const char *)L->q_groups + 4 * g + 2, 2);
-        if (g + 1 < L->G) memcpy(&next, (const char *)L->q_groups + 4 * g + 6, 2); else next = (int16_t)L->P;
-        int64_t rows = (int64_t)((uint16_t)next - (uint16_t)off) * 32 / b;
-        for (int64_t r = 0; r < rows; r += 32, c++) ch[c] = make_int4(b, (int)((uint16_t)off + r * b / 32), (int)g, (int)(row0 + r));
-        row0 += rows;
-    }
+    d->K = L->K; d->Kp = L->Kp; d->N = L->N; d->Np = L->Np; d->G = L->G; d->P = L->P; d->nchunks = L->Kp / MB_EXL2_CHUNK;
+    /* chunk table on the host (core/exl2_layout.h) */
+    std::vector<struct mb_exl2_chunk> ch((size_t)d->nchunks);
+    mb_exl2_chunks(L, ch.data());
     uint32_t *qs_d = NULL;
     __half *smax_d = NULL;
     int32_t *inv_d = NULL;
@@ -122,7 +89,7 @@ extern "C" int mb_exl2_dev_upload(const struct mb_exl2_layer *L, struct mb_exl2_
     if (e == cudaSuccess) e = cudaMemcpy(qs_d, L->q_scale, (size_t)(d->G * d->Np / 8 * 4), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) e = cudaMemcpy(smax_d, L->q_scale_max, (size_t)(d->G * 2), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) e = cudaMemcpy(inv_d, L->q_invperm, (size_t)(d->Kp * 4), cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) e = cudaMemcpy(d->chunks, ch.data(), ch.size() * sizeof(int4), cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cudaMemcpy(d->chunks, ch.data(), ch.size() * sizeof(struct mb_exl2_chunk), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) {
         dim3 grid((unsigned)((d->N + 255) / 256), (unsigned)d->G);
         scales_kernel<<<grid, 256>>>(qs_d, smax_d, d->G, d->N, d->Np, d->scales);
@@ -147,9 +114,6 @@ extern "C" void mb_exl2_dev_free(struct mb_exl2_dev *d) {
     cudaFree(d->scales);
     cudaFree(d->perm);
     cudaFree(d->chunks);
-    cudaFree(d->scratch);
-    cudaFree(d->partial);
-    if (d->blas) cublasDestroy(d->blas);
     free(d);
 }
 
@@ -237,26 +201,21 @@ static __global__ void reduce_kernel(const float *partial, int64_t splits, int64
     else ((__half *)y)[i] = __float2half_rn(s);
 }
 
-static int launch_gemm_small(struct mb_exl2_dev *d, const __half *x, int64_t M, void *y, int y_f32, cudaStream_t s) {
+static int launch_gemm_small(const struct mb_exl2_dev *d, const __half *x, int64_t M, void *y, int y_f32, cudaStream_t s) {
     if (M < 1 || M > 32) return mb_fail(MB_EINVAL, "gemm_small: batch %lld outside 1..32", (long long)M);
     int64_t colblocks = (d->N + SMALL_COLS - 1) / SMALL_COLS;
-    int dev = 0, sms = 132;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    struct mb_cuda_ctx *cx = mb_cuda_ctx();
+    if (!cx) return mb_fail(MB_ENOCUDA, "no CUDA context: %s", mb_errmsg());
+    int sms = cx->sms;
     int64_t want = (4 * (int64_t)sms + colblocks - 1) / colblocks; /* about 4 blocks per SM */
     int64_t cps = (d->nchunks + want - 1) / want;
     if (cps < 1) cps = 1;
     if (cps > SPLIT_ROWS_MAX / 32) cps = SPLIT_ROWS_MAX / 32;
     int64_t splits = (d->nchunks + cps - 1) / cps;
-    int64_t need = splits * M * d->N;
-    if (need > d->partial_cap) {
-        cudaFree(d->partial);
-        d->partial = NULL;
-        CUDA_TRY(cudaMalloc((void **)&d->partial, (size_t)need * sizeof(float)), "gemm_small scratch");
-        d->partial_cap = need;
-    }
+    float *partial = (float *)mb_cuda_scratch(cx, 0, (size_t)(splits * M * d->N) * sizeof(float));
+    if (!partial) return mb_fail(MB_ENOCUDA, "gemm_small: %s", mb_errmsg());
     dim3 grid((unsigned)colblocks, (unsigned)splits);
-#define L_(MT) gemm_small_kernel<MT><<<grid, SMALL_COLS, 0, s>>>(d->q_weight, d->scales, d->perm, d->chunks, x, M, d->K, d->N, d->Np, cps, d->nchunks, d->partial)
+#define L_(MT) gemm_small_kernel<MT><<<grid, SMALL_COLS, 0, s>>>(d->q_weight, d->scales, d->perm, d->chunks, x, M, d->K, d->N, d->Np, cps, d->nchunks, partial)
     if (M <= 1) L_(1);
     else if (M <= 2) L_(2);
     else if (M <= 4) L_(4);
@@ -265,38 +224,40 @@ static int launch_gemm_small(struct mb_exl2_dev *d, const __half *x, int64_t M, 
     else L_(32);
 #undef L_
     CUDA_TRY(cudaGetLastError(), "gemm_small kernel");
-    reduce_kernel<<<(unsigned)((M * d->N + 255) / 256), 256, 0, s>>>(d->partial, splits, M, d->N, y, y_f32);
+    reduce_kernel<<<(unsigned)((M * d->N + 255) / 256), 256, 0, s>>>(partial, splits, M, d->N, y, y_f32);
     CUDA_TRY(cudaGetLastError(), "reduce kernel");
     return 0;
 }
 
 extern "C" int mb_exl2_dev_gemm_small(const struct mb_exl2_dev *d, const uint16_t *x_d, int64_t M, void *y_d, int y_f32, void *stream) {
-    return launch_gemm_small((struct mb_exl2_dev *)d, (const __half *)x_d, M, y_d, y_f32, (cudaStream_t)stream);
+    return launch_gemm_small(d, (const __half *)x_d, M, y_d, y_f32, (cudaStream_t)stream);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* large batch: dequantize + cuBLAS                                                                */
 
 static int blas_gemm(cublasHandle_t h, const __half *x, const __half *wt, int64_t M, int64_t K, int64_t N, void *y, int y_f32, cudaStream_t s) {
-    cublasSetStream(h, s);
+    mb_cu.set_stream(h, s);
     float alpha = 1.0f, beta = 0.0f;
     /* row-major y [M,N] = x [M,K] @ wt [K,N]  <=>  column-major y^T [N,M] = wt^T [N,K] @ x^T [K,M] */
-    cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, wt, CUDA_R_16F, (int)N, x, CUDA_R_16F, (int)K, &beta, y,
+    cublasStatus_t st = mb_cu.gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, wt, CUDA_R_16F, (int)N, x, CUDA_R_16F, (int)K, &beta, y,
                                      y_f32 ? CUDA_R_32F : CUDA_R_16F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS) return mb_fail(MB_ENOCUDA, "cublasGemmEx failed (status %d)", (int)st);
     return 0;
 }
 
-static int launch_gemm_large(struct mb_exl2_dev *d, const __half *x, int64_t M, void *y, int y_f32, cudaStream_t s) {
-    if (!d->scratch) CUDA_TRY(cudaMalloc((void **)&d->scratch, (size_t)(d->K * d->N) * 2), "gemm_large scratch");
-    if (!d->blas && cublasCreate(&d->blas) != CUBLAS_STATUS_SUCCESS) return mb_fail(MB_ENOCUDA, "cublasCreate failed");
-    int rc = launch_dequant(d, d->scratch, s);
+static int launch_gemm_large(const struct mb_exl2_dev *d, const __half *x, int64_t M, void *y, int y_f32, cudaStream_t s) {
+    struct mb_cuda_ctx *cx = mb_cuda_ctx();
+    if (!cx) return mb_fail(MB_ENOCUDA, "no CUDA context: %s", mb_errmsg());
+    __half *wt = (__half *)mb_cuda_scratch(cx, 1, (size_t)(d->K * d->N) * 2);
+    if (!wt) return mb_fail(MB_ENOCUDA, "gemm_large: %s", mb_errmsg());
+    int rc = launch_dequant(d, wt, s);
     if (rc) return rc;
-    return blas_gemm(d->blas, x, d->scratch, M, d->K, d->N, y, y_f32, s);
+    return blas_gemm(cx->blas, x, wt, M, d->K, d->N, y, y_f32, s);
 }
 
 extern "C" int mb_exl2_dev_gemm_large(const struct mb_exl2_dev *d, const uint16_t *x_d, int64_t M, void *y_d, int y_f32, void *stream) {
-    return launch_gemm_large((struct mb_exl2_dev *)d, (const __half *)x_d, M, y_d, y_f32, (cudaStream_t)stream);
+    return launch_gemm_large(d, (const __half *)x_d, M, y_d, y_f32, (cudaStream_t)stream);
 }
 
 extern "C" int mb_exl2_dev_gemm(const struct mb_exl2_dev *d, const uint16_t *x_d, int64_t M, void *y_d, int y_f32, void *stream) {
@@ -304,10 +265,8 @@ extern "C" int mb_exl2_dev_gemm(const struct mb_exl2_dev *d, const uint16_t *x_d
     return mb_exl2_dev_gemm_large(d, x_d, M, y_d, y_f32, stream);
 }
 
-static cublasHandle_t g_blas;
 extern "C" int mb_cuda_gemm_f16(const uint16_t *x_d, const uint16_t *wt_d, int64_t M, int64_t K, int64_t N, void *y_d, int y_f32, void *stream) {
-    int rc = mb_cuda_probe(NULL, 0);
-    if (rc) return rc;
-    if (!g_blas && cublasCreate(&g_blas) != CUBLAS_STATUS_SUCCESS) return mb_fail(MB_ENOCUDA, "cublasCreate failed");
-    return blas_gemm(g_blas, (const __half *)x_d, (const __half *)wt_d, M, K, N, y_d, y_f32, (cudaStream_t)stream);
+    struct mb_cuda_ctx *cx = mb_cuda_ctx();
+    if (!cx) return mb_fail(MB_ENOCUDA, "no CUDA context: %s", mb_errmsg());
+    return blas_gemm(cx->blas, (const __half *)x_d, (const __half *)wt_d, M, K, N, y_d, y_f32, (cudaStream_t)stream);
 }

@@ -17,36 +17,30 @@ extern void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, i
 extern void dpotri_(const char *uplo, const int *n, double *a, const int *lda, int *info);
 
 /* ---- Hessians ---- */
-int mb_hessian_init(struct mb_hessian *h, int64_t K) {
+int mb_hessian_init(struct mb_hessian *h, const struct mb_ops *ops, int64_t K) {
     memset(h, 0, sizeof *h);
+    h->ops = ops ? ops : &mb_ops_cpu;
     h->K = K;
-    h->H = calloc((size_t)(K * K), sizeof *h->H);
-    if (!h->H) return mb_fail(MB_ENOMEM, "out of memory for a %lld x %lld Hessian", (long long)K, (long long)K);
+    size_t bytes;
+    if (!mb_mul_ok((size_t)K, (size_t)K * sizeof(double), &bytes) || !(h->H = h->ops->alloc(bytes)))
+        return mb_fail(MB_ENOMEM, "out of %s memory for a %lld x %lld Hessian", h->ops->name, (long long)K, (long long)K);
+    h->ops->zero(h->H, bytes);
     return 0;
 }
 
 void mb_hessian_free(struct mb_hessian *h) {
-    free(h->H);
+    if (h->H) h->ops->free(h->H);
     memset(h, 0, sizeof *h);
 }
 
 int mb_hessian_add(struct mb_hessian *h, const float *x, int64_t M) {
-    const int64_t CH = 1024; /* rows per dsyrk call: bounds the f64 copy */
-    int64_t K = h->K;
-    double *xd = malloc((size_t)((M < CH ? M : CH) * K) * sizeof *xd);
-    if (!xd) return mb_fail(MB_ENOMEM, "out of memory");
-    for (int64_t r0 = 0; r0 < M; r0 += CH) {
-        int64_t m = M - r0 < CH ? M - r0 : CH;
-        for (int64_t i = 0; i < m * K; i++) xd[i] = x[r0 * K + i];
-        /* upper triangle of H += xd^T xd */
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)K, (blasint)m, 1.0, xd, (blasint)K, 1.0, h->H, (blasint)K);
-    }
-    free(xd);
-    h->count += M;
-    return 0;
+    int rc = h->ops->hessian_add(h->H, x, M, h->K);
+    if (!rc) h->count += M;
+    return rc;
 }
 
 int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b) {
+    if (a->ops->device || b->ops->device) return mb_fail(MB_EINVAL, "Hessian merge: host Hessians only");
     if (a->K != b->K) return mb_fail(MB_EINVAL, "Hessians of different sizes (%lld, %lld)", (long long)a->K, (long long)b->K);
     for (int64_t i = 0; i < a->K * a->K; i++) a->H[i] += b->H[i];
     a->count += b->count;
@@ -61,6 +55,7 @@ static int cmp_diag_desc(const void *x, const void *y) {
 }
 
 int mb_hessian_act_order(const struct mb_hessian *h, int32_t *perm) {
+    if (h->ops && h->ops->device) return mb_fail(MB_EINVAL, "act order: host Hessians only");
     struct diag_ent *e = malloc((size_t)h->K * sizeof *e);
     if (!e) return mb_fail(MB_ENOMEM, "out of memory");
     for (int64_t i = 0; i < h->K; i++) e[i] = (struct diag_ent){h->H[i * h->K + i], (int32_t)i};
@@ -135,19 +130,106 @@ static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *q
     free(base);
 }
 
-int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessian *h, const struct mb_qsetting *qset,
-                     const struct mb_gptq_params *p, struct mb_qresult *out) {
+void mb_gptq_prep_free(struct mb_gptq_prep *p) {
+    if (!p) return;
+    free(p->perm);
+    free(p->U);
+    mb_gptq_cuda_free(p->dev);
+    memset(p, 0, sizeof *p);
+}
+
+int mb_gptq_prepare(const struct mb_hessian *h, const struct mb_gptq_params *p, struct mb_gptq_prep *out) {
     memset(out, 0, sizeof *out);
     const char *name = p->name ? p->name : "layer";
-    if (h->K != K) return mb_fail(MB_EINVAL, "%s: Hessian is %lld x %lld for %lld inputs", name, (long long)h->K, (long long)h->K, (long long)K);
-    int64_t Kp = (K + 31) / 32 * 32;
+    int64_t K = h->K, Kp = (K + 31) / 32 * 32;
     if (Kp > 65535) return mb_fail(MB_EINVAL, "%s: %lld inputs exceed the EXL2 limit of 65535", name, (long long)K);
+    out->K = K;
+    out->Kp = Kp;
+    out->rtn = p->rtn;
+    out->perm = malloc((size_t)Kp * sizeof *out->perm);
+    if (!out->perm) return mb_fail(MB_ENOMEM, "%s: out of memory", name);
+    if (h->ops && h->ops->device) {
+        int rc = mb_gptq_cuda_prepare(h->H, K, h->count, p->damp, p->max_damp_tries, p->rtn, name, &out->dev, out->perm, &out->damp_used);
+        if (rc) mb_gptq_prep_free(out);
+        return rc;
+    }
     int rc = 0;
-    double *H = NULL;
-    float *U = NULL, *wt = NULL, *err = NULL, *scale = NULL;
+    double *H = calloc((size_t)(Kp * Kp), sizeof *H);
+    if (!H) { rc = mb_fail(MB_ENOMEM, "%s: out of memory for a %lld x %lld Hessian", name, (long long)Kp, (long long)Kp); goto fail; }
+    /* normalized, symmetric, padded Hessian; act order */
+    double inv_n = h->count > 0 ? 1.0 / (double)h->count : 1.0;
+    for (int64_t i = 0; i < K; i++)
+        for (int64_t j = i; j < K; j++) H[i * Kp + j] = H[j * Kp + i] = h->H[i * K + j] * inv_n;
+    {
+        struct mb_hessian hp = {Kp, 1, H, &mb_ops_cpu};
+        if ((rc = mb_hessian_act_order(&hp, out->perm))) goto fail;
+    }
+    if (p->rtn) { free(H); return 0; }
+    /* permute H via a copy */
+    {
+        double *Hq = malloc((size_t)(Kp * Kp) * sizeof *Hq);
+        if (!Hq) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+        for (int64_t i = 0; i < Kp; i++)
+            for (int64_t j = 0; j < Kp; j++) Hq[i * Kp + j] = H[(int64_t)out->perm[i] * Kp + out->perm[j]];
+        free(H);
+        H = Hq;
+    }
+    double mean = 0;
+    for (int64_t i = 0; i < Kp; i++) {
+        if (H[i * Kp + i] <= 0) H[i * Kp + i] = 1.0; /* inputs never seen in calibration (and padding) */
+        mean += H[i * Kp + i];
+    }
+    mean /= (double)Kp;
+    /* damping, Cholesky, inverse, upper Cholesky of the inverse (all f64) */
+    double *A = malloc((size_t)(Kp * Kp) * sizeof *A);
+    if (!A) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+    int ok = 0, n = (int)Kp, info = 0;
+    double damp = 0;
+    for (int t = 0; t < (p->max_damp_tries > 0 ? p->max_damp_tries : 1) && !ok; t++) {
+        damp += p->damp * mean;
+        memcpy(A, H, (size_t)(Kp * Kp) * sizeof *A);
+        for (int64_t i = 0; i < Kp; i++) A[i * Kp + i] += damp;
+        dpotrf_("U", &n, A, &n, &info);
+        if (info) continue;
+        dpotri_("U", &n, A, &n, &info);
+        if (info) continue;
+        /* A holds H^-1 in one triangle: symmetrize (column-major 'U' = row-major lower) */
+        for (int64_t i = 0; i < Kp; i++)
+            for (int64_t j = 0; j < i; j++) A[j * Kp + i] = A[i * Kp + j];
+        dpotrf_("L", &n, A, &n, &info); /* column-major lower L, H^-1 = L L^T; row-major view: U = L^T */
+        if (info) continue;
+        ok = 1;
+    }
+    if (!ok) { free(A); rc = mb_fail(MB_ENUMERIC, "%s: Hessian not positive definite after %d damping steps (damp %.3g)", name, p->max_damp_tries, damp); goto fail; }
+    out->damp_used = damp / mean;
+    free(H); /* peak memory: two Kp x Kp f64 matrices, then A and U */
+    H = NULL;
+    /* column-major L(i,j) (i >= j) sits at A[i + j*Kp] = row-major (j, i): that is U(j, i) */
+    out->U = malloc((size_t)(Kp * Kp) * sizeof *out->U);
+    if (!out->U) { free(A); rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+    for (int64_t r = 0; r < Kp; r++)
+        for (int64_t c = 0; c < Kp; c++) out->U[r * Kp + c] = c >= r ? (float)A[r * Kp + c] : 0.0f;
+    free(A);
+    return 0;
+fail:
+    free(H);
+    mb_gptq_prep_free(out);
+    return rc;
+}
+
+int mb_gptq_run(const struct mb_weight *wv, const struct mb_gptq_prep *pr, const struct mb_qsetting *qset, const struct mb_gptq_params *p,
+                struct mb_qresult *out) {
+    memset(out, 0, sizeof *out);
+    const char *name = p->name ? p->name : "layer";
+    int64_t N = wv->n, K = wv->k, Kp = pr->Kp;
+    if (pr->K != K) return mb_fail(MB_EINVAL, "%s: Hessian is %lld x %lld for %lld inputs", name, (long long)pr->K, (long long)pr->K, (long long)K);
+    int rc = 0;
+    const float *U = pr->U;
+    float *wt = NULL, *err = NULL, *scale = NULL, *w = NULL;
     out->K = K;
     out->Kp = Kp;
     out->N = N;
+    out->damp_used = pr->damp_used;
     out->gbits = malloc((size_t)(Kp / 32) * sizeof *out->gbits);
     out->grows = malloc((size_t)(Kp / 32) * sizeof *out->grows);
     if (!out->gbits || !out->grows) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto fail; }
@@ -157,71 +239,31 @@ int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessi
     out->qs = malloc((size_t)(G * N));
     out->scale_max = malloc((size_t)G * sizeof *out->scale_max);
     out->perm = malloc((size_t)Kp * sizeof *out->perm);
-    out->wq = malloc((size_t)(N * K) * sizeof *out->wq);
-    H = calloc((size_t)(Kp * Kp), sizeof *H);
+    if (p->keep_wq) out->wq = malloc((size_t)(N * K) * sizeof *out->wq);
+    if (!out->q || !out->qs || !out->scale_max || !out->perm || (p->keep_wq && !out->wq)) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+    memcpy(out->perm, pr->perm, (size_t)Kp * sizeof *out->perm);
+    if (pr->dev) {
+        if (p->keep_wq) { rc = mb_fail(MB_EINVAL, "%s: fake-quantized weights are a CPU-only output", name); goto fail; }
+        rc = mb_gptq_cuda_run(pr->dev, wv, G, out->gbits, out->grows, pr->rtn, out->q, out->qs, out->scale_max, name);
+        if (rc) goto fail;
+        return 0;
+    }
     wt = malloc((size_t)(Kp * N) * sizeof *wt);
     scale = malloc((size_t)N * sizeof *scale);
-    if (!out->q || !out->qs || !out->scale_max || !out->perm || !out->wq || !H || !wt || !scale) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
-
-    /* normalized, symmetric, padded Hessian; act order */
-    double inv_n = h->count > 0 ? 1.0 / (double)h->count : 1.0;
-    for (int64_t i = 0; i < K; i++)
-        for (int64_t j = i; j < K; j++) H[i * Kp + j] = H[j * Kp + i] = h->H[i * K + j] * inv_n;
+    if (!wt || !scale) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+    /* W^T in act order, from the view converted in blocks of rows */
     {
-        struct mb_hessian hp = {Kp, 1, H};
-        if ((rc = mb_hessian_act_order(&hp, out->perm))) goto fail;
-    }
-    /* permute H in place via a copy */
-    {
-        double *Hq = malloc((size_t)(Kp * Kp) * sizeof *Hq);
-        if (!Hq) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
-        for (int64_t i = 0; i < Kp; i++)
-            for (int64_t j = 0; j < Kp; j++) Hq[i * Kp + j] = H[(int64_t)out->perm[i] * Kp + out->perm[j]];
-        free(H);
-        H = Hq;
-    }
-    for (int64_t j = 0; j < Kp; j++)
-        for (int64_t n = 0; n < N; n++) wt[j * N + n] = out->perm[j] < K ? w[n * K + out->perm[j]] : 0.0f;
-    double mean = 0;
-    for (int64_t i = 0; i < Kp; i++) {
-        if (H[i * Kp + i] <= 0) H[i * Kp + i] = 1.0; /* inputs never seen in calibration (and padding) */
-        mean += H[i * Kp + i];
-    }
-    mean /= (double)Kp;
-
-    if (!p->rtn) {
-        /* damping, Cholesky, inverse, upper Cholesky of the inverse (all f64) */
-        double *A = malloc((size_t)(Kp * Kp) * sizeof *A);
-        if (!A) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
-        int ok = 0, n = (int)Kp, info = 0;
-        double damp = 0;
-        for (int t = 0; t < (p->max_damp_tries > 0 ? p->max_damp_tries : 1) && !ok; t++) {
-            damp += p->damp * mean;
-            memcpy(A, H, (size_t)(Kp * Kp) * sizeof *A);
-            for (int64_t i = 0; i < Kp; i++) A[i * Kp + i] += damp;
-            dpotrf_("U", &n, A, &n, &info);
-            if (info) continue;
-            dpotri_("U", &n, A, &n, &info);
-            if (info) continue;
-            /* A holds H^-1 in one triangle: symmetrize (column-major 'U' = row-major lower) */
-            for (int64_t i = 0; i < Kp; i++)
-                for (int64_t j = 0; j < i; j++) A[j * Kp + i] = A[i * Kp + j];
-            dpotrf_("L", &n, A, &n, &info); /* column-major lower L, H^-1 = L L^T; row-major view: U = L^T */
-            if (info) continue;
-            ok = 1;
+        const int64_t RB = 256;
+        if (!(w = malloc((size_t)((N < RB ? N : RB) * K) * sizeof *w))) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
+        for (int64_t n0 = 0; n0 < N; n0 += RB) {
+            int64_t n1 = n0 + RB < N ? n0 + RB : N;
+            if ((rc = mb_weight_rows_f32(wv, n0, n1, w))) goto fail;
+            for (int64_t j = 0; j < Kp; j++)
+                for (int64_t n = n0; n < n1; n++) wt[j * N + n] = out->perm[j] < K ? w[(n - n0) * K + out->perm[j]] : 0.0f;
         }
-        if (!ok) { free(A); rc = mb_fail(MB_ENUMERIC, "%s: Hessian not positive definite after %d damping steps (damp %.3g)", name, p->max_damp_tries, damp); goto fail; }
-        out->damp_used = damp / mean;
-        /* column-major L(i,j) (i >= j) sits at A[i + j*Kp] = row-major (j, i): that is U(j, i) */
-        U = malloc((size_t)(Kp * Kp) * sizeof *U);
-        if (!U) { free(A); rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
-        for (int64_t r = 0; r < Kp; r++)
-            for (int64_t c = 0; c < Kp; c++) U[r * Kp + c] = c >= r ? (float)A[r * Kp + c] : 0.0f;
-        free(A);
+        free(w);
+        w = NULL;
     }
-    free(H);
-    H = NULL;
-
     int64_t maxg = 0;
     for (int g = 0; g < G; g++) if (out->grows[g] > maxg) maxg = out->grows[g];
     err = malloc((size_t)(maxg * N) * sizeof *err);
@@ -233,7 +275,7 @@ int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessi
         find_scales(wt + r0 * N, R, N, b, out->qs + (int64_t)g * N, &out->scale_max[g], scale);
         for (int64_t r = r0; r < r1; r++) {
             float *row = wt + r * N, *e = err + (r - r0) * N;
-            float d = p->rtn ? 1.0f : U[r * Kp + r];
+            float d = pr->rtn ? 1.0f : U[r * Kp + r];
             for (int64_t n = 0; n < N; n++) {
                 float q = rintf(row[n] / scale[n]) + (float)zero;
                 q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
@@ -242,7 +284,7 @@ int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessi
                 e[n] = (row[n] - dq) / d;
                 row[n] = dq;
             }
-            if (p->rtn) continue;
+            if (pr->rtn) continue;
             /* feed the error to the rest of the group */
             for (int64_t j = r + 1; j < r1; j++) {
                 float u = U[r * Kp + j];
@@ -251,45 +293,66 @@ int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessi
             }
         }
         /* lazy batch: rows after the group, W[r1:] -= U[r0:r1, r1:]^T @ E */
-        if (!p->rtn && r1 < Kp)
+        if (!pr->rtn && r1 < Kp)
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)(Kp - r1), (blasint)N, (blasint)R, -1.0f, U + r0 * Kp + r1, (blasint)Kp,
                         err, (blasint)N, 1.0f, wt + r1 * N, (blasint)N);
         r0 = r1;
     }
     /* fake-quantized weights, original order */
-    for (int64_t j = 0; j < Kp; j++) {
+    for (int64_t j = 0; out->wq && j < Kp; j++) {
         int64_t o = out->perm[j];
         if (o >= K) continue;
         for (int64_t n = 0; n < N; n++) out->wq[n * K + o] = wt[j * N + n];
     }
-    free(U); free(wt); free(err); free(scale);
+    free(wt); free(err); free(scale);
     return 0;
 fail:
-    free(H); free(U); free(wt); free(err); free(scale);
+    free(wt); free(err); free(scale); free(w);
     mb_qresult_free(out);
+    return rc;
+}
+
+int mb_gptq_quantize(const struct mb_weight *w, const struct mb_hessian *h, const struct mb_qsetting *qs, const struct mb_gptq_params *p,
+                     struct mb_qresult *out) {
+    struct mb_gptq_prep pr;
+    memset(out, 0, sizeof *out);
+    if (h->K != w->k) return mb_fail(MB_EINVAL, "%s: Hessian is %lld x %lld for %lld inputs", p->name ? p->name : "layer", (long long)h->K, (long long)h->K, (long long)w->k);
+    int rc = mb_gptq_prepare(h, p, &pr);
+    if (!rc) rc = mb_gptq_run(w, &pr, qs, p, out);
+    mb_gptq_prep_free(&pr);
     return rc;
 }
 
 int mb_qresult_pack(const struct mb_qresult *r, const char *name, struct mb_exl2_packed *out) {
     int rc = mb_exl2_pack(r->Kp, r->N, r->G, r->gbits, r->grows, r->q, r->qs, r->scale_max, r->perm, out);
     if (rc) return mb_fail_ctx(rc, "%s", name);
-    /* self-check: rebuild from the packed tensors */
+    /* self-check: rebuild from the packed tensors and compare with the quantizer's values (q - z) * scale,
+     * walked in act order (packed row j is original row perm[j]) */
     struct mb_exl2_layer L;
     mb_exl2_packed_view(out, &L);
     L.K = r->K;
     rc = mb_exl2_validate(&L, name);
-    float *wt = rc ? NULL : malloc((size_t)(r->K * r->N) * sizeof *wt);
-    if (!rc && !wt) rc = mb_fail(MB_ENOMEM, "out of memory");
+    float *wt = rc ? NULL : malloc((size_t)(r->K * r->N) * sizeof *wt), *sc = malloc((size_t)r->N * sizeof *sc);
+    if (!rc && (!wt || !sc)) rc = mb_fail(MB_ENOMEM, "out of memory");
     if (!rc) rc = mb_exl2_unpack_wt(&L, wt);
-    for (int64_t k = 0; !rc && k < r->K; k++)
-        for (int64_t n = 0; n < r->N; n++) {
-            float a = wt[k * r->N + n], b = r->wq[n * r->K + k];
-            if (!(fabsf(a - b) <= 0.05f)) {
-                rc = mb_fail(MB_ENUMERIC, "%s: self-check failed: packed weight [%lld, %lld] = %g, fake-quantized %g", name, (long long)n, (long long)k, a, b);
-                break;
+    int64_t j = 0;
+    for (int g = 0; !rc && g < r->G; g++) {
+        int z = 1 << (r->gbits[g] - 1);
+        for (int64_t n = 0; n < r->N; n++) sc[n] = mb_exl2_scale(r->qs[(int64_t)g * r->N + n] - 1, r->scale_max[g]);
+        for (int64_t i = 0; !rc && i < r->grows[g]; i++, j++) {
+            int64_t k = r->perm[j];
+            if (k >= r->K) continue; /* padding row */
+            for (int64_t n = 0; n < r->N; n++) {
+                float a = wt[k * r->N + n], b = (float)((int)r->q[j * r->N + n] - z) * sc[n];
+                if (!(fabsf(a - b) <= 0.05f)) {
+                    rc = mb_fail(MB_ENUMERIC, "%s: self-check failed: packed weight [%lld, %lld] = %g, quantized %g", name, (long long)n, (long long)k, a, b);
+                    break;
+                }
             }
         }
+    }
     free(wt);
+    free(sc);
     if (rc) mb_exl2_packed_free(out);
     return rc;
 }

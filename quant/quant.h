@@ -5,6 +5,7 @@
 
 #include "../core/core.h"
 #include "../formats/formats.h"
+#include "../kernels/kernels.h"
 
 /* One quantized layer of an EXL2 model, as `inspect` shows it. */
 struct mb_exl2_summary {
@@ -51,17 +52,47 @@ int mb_qsetting_groups(const struct mb_qsetting *q, int64_t K, int *G, int *bits
 int64_t mb_qsetting_bits(const struct mb_qsetting *q, int64_t K, int64_t N, int bias);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* decoder modules and their option tables                                                          */
+/* Module m of a model: even m is layer m/2's attention block (q, k, v, o), odd m its MLP or MoE block    */
+/* (gate, up, down; every expert of a MoE block gets the same setting).                              */
+
+#define MB_MODULE_OPTIONS_MAX (MB_ATTN_OPTIONS + 1)
+/* The setting added to both tables near their minimum (see convert.c) */
+#define MB_EXTRA_SETTING "1:2b_32g"
+
+struct mb_module_table {
+    int n;                                         /* options */
+    int nproj;                                     /* 4 (attention) or 3 (MLP / MoE) */
+    int proj[4];                                   /* enum mb_proj of each column */
+    int experts;                                   /* 1, or the experts of a MoE block */
+    const char *setting[MB_MODULE_OPTIONS_MAX][4]; /* static strings */
+    int64_t bits[MB_MODULE_OPTIONS_MAX];           /* exact storage bits of the whole module */
+};
+/* The option table of module m: the reference converter's rows, plus MB_EXTRA_SETTING when extra; or one row
+ * with `uniform` for every projection when uniform != NULL (a copy is not kept: the string must outlive t). */
+int mb_module_table(const struct mb_config *c, int m, int extra, const char *uniform, struct mb_module_table *t);
+/* Weight shape of projection p: N outputs, K inputs */
+void mb_proj_shape(const struct mb_config *c, int p, int64_t *N, int64_t *K);
+/* "model.layers.3.self_attn" / ".mlp" / ".block_sparse_moe" */
+void mb_module_name(const struct mb_config *c, int m, char *buf, size_t n);
+/* "model.layers.3.self_attn.q_proj", "model.layers.3.block_sparse_moe.experts.5.w2" */
+void mb_linear_name(const struct mb_config *c, int layer, int p, int expert, char *buf, size_t n);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Hessians                                                                                         */
 
-/* H = sum over calibration rows of x^T x (K x K, f64), with the row count. */
+/* H = sum over calibration rows of x^T x (K x K, f64, upper triangle kept), with the row count, in the memory
+ * of a backend (the rule of its hessian_add op). */
 struct mb_hessian {
     int64_t K;
     int64_t count;
     double *H;
+    const struct mb_ops *ops; /* owner of H */
 };
-int mb_hessian_init(struct mb_hessian *h, int64_t K);
+/* ops NULL: the CPU table */
+int mb_hessian_init(struct mb_hessian *h, const struct mb_ops *ops, int64_t K);
 void mb_hessian_free(struct mb_hessian *h);
-/* Add x [M, K] (f32): computed with sgemm in f32 per call, accumulated in f64. */
+/* Add x [M, K] (f32, a buffer of h->ops). */
 int mb_hessian_add(struct mb_hessian *h, const float *x, int64_t M);
 /* a += b */
 int mb_hessian_merge(struct mb_hessian *a, const struct mb_hessian *b);
@@ -75,6 +106,7 @@ struct mb_gptq_params {
     double damp;       /* relative damping, default 0.12 of the mean diagonal */
     int max_damp_tries;/* default 10: damping added again after a failed Cholesky */
     int rtn;           /* 1: round to nearest with the same groups and scales, no error feedback */
+    int keep_wq;       /* 1: also return the fake-quantized weights (mb_qresult.wq) */
     const char *name;  /* layer name for messages */
 };
 void mb_gptq_default_params(struct mb_gptq_params *p);
@@ -89,17 +121,35 @@ struct mb_qresult {
     uint8_t *qs;        /* [G, N] sub-scales 1..16 */
     uint16_t *scale_max;/* [G] fp16 */
     int32_t *perm;      /* [Kp] */
-    float *wq;          /* [N, K] dequantized weights, original order (Hugging Face layout) */
+    float *wq;          /* [N, K] dequantized weights, original order (Hugging Face layout); only with keep_wq */
     double damp_used;
 };
 void mb_qresult_free(struct mb_qresult *r);
 
-/* Quantize W [N, K] (Hugging Face layout) with Hessian h (K x K, from mb_hessian; normalized inside) and
- * a setting. */
-int mb_gptq_quantize(const float *w, int64_t N, int64_t K, const struct mb_hessian *h, const struct mb_qsetting *qs,
-                     const struct mb_gptq_params *p, struct mb_qresult *out);
-/* Pack a result into EXL2 tensors, rebuild them and compare with the fake-quantized weights (fails with
- * the layer name when any element differs by more than 0.05, the reference converter's check). */
+/* The part of GPTQ that depends only on the Hessian, shared by every setting (and every projection) quantized
+ * with it: the act order and the upper Cholesky factor U of the damped inverse Hessian. Computed where the
+ * Hessian lives (h->ops): on the CPU here, on the GPU by mb_gptq_cuda_prepare (kernels.h). Memory: two
+ * Kp x Kp f64 matrices while factorizing, then U (f32). */
+struct mb_gptq_prep {
+    int64_t K, Kp;
+    int32_t *perm;          /* [Kp] packed row j = original row perm[j] (host) */
+    float *U;               /* [Kp, Kp] upper triangle, host (NULL for round-to-nearest or on the GPU) */
+    struct mb_gptq_dev *dev;/* the GPU form, or NULL */
+    double damp_used;       /* relative damping that made the factorization succeed */
+    int rtn;
+};
+int mb_gptq_prepare(const struct mb_hessian *h, const struct mb_gptq_params *p, struct mb_gptq_prep *out);
+void mb_gptq_prep_free(struct mb_gptq_prep *p);
+/* GPTQ of W [N, K] with a prepared Hessian and a setting: the column loop with per-group scale search. A
+ * host view for a CPU preparation, a device view (loaded by the CUDA table) for a GPU one. */
+int mb_gptq_run(const struct mb_weight *w, const struct mb_gptq_prep *prep, const struct mb_qsetting *qs, const struct mb_gptq_params *p,
+                struct mb_qresult *out);
+/* prepare + run: quantize W [N, K] (a host view in any stored type) with Hessian h (K x K, from mb_hessian;
+ * normalized inside) and a setting. Memory: the weight in f32 once, H twice in f64 for the factorization. */
+int mb_gptq_quantize(const struct mb_weight *w, const struct mb_hessian *h, const struct mb_qsetting *qs, const struct mb_gptq_params *p,
+                     struct mb_qresult *out);
+/* Pack a result into EXL2 tensors, rebuild them and compare with the quantizer's values (fails with the
+ * layer name when any element differs by more than 0.05, the reference converter's check). */
 int mb_qresult_pack(const struct mb_qresult *r, const char *name, struct mb_exl2_packed *out);
 /* Relative output error ||X W^T - X Q^T||_F / ||X W^T||_F computed from H = X^T X. */
 double mb_output_error(const float *w, const float *wq, int64_t N, int64_t K, const struct mb_hessian *h);

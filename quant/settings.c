@@ -164,3 +164,60 @@ out:
     free(bits); free(rows); free(qv); free(qs); free(smax); free(perm);
     return rc;
 }
+
+/* ---- decoder modules ---- */
+void mb_proj_shape(const struct mb_config *c, int p, int64_t *N, int64_t *K) {
+    int64_t H = c->hidden, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    switch (p) {
+    case MB_P_Q: *N = qd; *K = H; break;
+    case MB_P_K: case MB_P_V: *N = kvd; *K = H; break;
+    case MB_P_O: *N = H; *K = qd; break;
+    case MB_P_GATE: case MB_P_UP: *N = c->ffn; *K = H; break;
+    default: *N = H; *K = c->ffn; break;
+    }
+}
+
+void mb_module_name(const struct mb_config *c, int m, char *buf, size_t n) {
+    snprintf(buf, n, "model.layers.%d.%s", m / 2, m % 2 == 0 ? "self_attn" : c->n_experts ? "block_sparse_moe" : "mlp");
+}
+
+void mb_linear_name(const struct mb_config *c, int layer, int p, int expert, char *buf, size_t n) {
+    if (expert >= 0) snprintf(buf, n, "model.layers.%d.block_sparse_moe.experts.%d.%s", layer, expert, mb_proj_name(p, 1));
+    else snprintf(buf, n, "model.layers.%d.%s", layer, mb_proj_name(p, c->n_experts > 0 && p >= MB_P_GATE));
+}
+
+int mb_module_table(const struct mb_config *c, int m, int extra, const char *uniform, struct mb_module_table *t) {
+    memset(t, 0, sizeof *t);
+    int attn = m % 2 == 0;
+    t->nproj = attn ? 4 : 3;
+    for (int i = 0; i < t->nproj; i++) t->proj[i] = attn ? MB_P_Q + i : MB_P_GATE + i;
+    t->experts = !attn && c->n_experts ? c->n_experts : 1;
+    if (uniform) {
+        t->n = 1;
+        for (int i = 0; i < t->nproj; i++) t->setting[0][i] = uniform;
+    } else {
+        int nref = attn ? MB_ATTN_OPTIONS : MB_MLP_OPTIONS;
+        for (int r = 0; r < nref; r++)
+            for (int i = 0; i < t->nproj; i++) t->setting[r][i] = attn ? mb_attn_table[r][i] : mb_mlp_table[r][i];
+        t->n = nref;
+        if (extra) {
+            for (int i = 0; i < t->nproj; i++) t->setting[nref][i] = MB_EXTRA_SETTING;
+            t->n++;
+        }
+    }
+    for (int r = 0; r < t->n; r++) {
+        int64_t total = 0;
+        for (int i = 0; i < t->nproj; i++) {
+            struct mb_qsetting q;
+            int rc = mb_qsetting_parse(t->setting[r][i], &q);
+            if (rc) return rc;
+            int64_t N, K;
+            mb_proj_shape(c, t->proj[i], &N, &K);
+            int64_t b = mb_qsetting_bits(&q, K, N, 0);
+            if (b < 0) return mb_fail(MB_EINVAL, "setting %s does not fit a %lld x %lld layer", t->setting[r][i], (long long)N, (long long)K);
+            total += (int64_t)t->experts * b;
+        }
+        t->bits[r] = total;
+    }
+    return 0;
+}

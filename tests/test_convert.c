@@ -75,7 +75,9 @@ static void check_layers(const char *src, const char *out) {
         if (rc) continue;
         nq++;
         float *w0 = malloc(e->rows * e->cols * sizeof *w0), *w1 = malloc(e->rows * e->cols * sizeof *w1);
-        CHECK_EQ(mb_weight_f32(a, e->name, e->rows, e->cols, w0), 0);
+        struct mb_weight v0;
+        CHECK_EQ(mb_model_weight(a, e->name, e->rows, e->cols, &v0), 0);
+        CHECK_EQ(mb_weight_rows_f32(&v0, 0, e->rows, w0), 0);
         CHECK_EQ(mb_exl2_load_dense(q->st, e->name, e->rows, e->cols, w1), 0);
         double d = 0, n = 0;
         for (int64_t k = 0; k < e->rows * e->cols; k++) { d += (w1[k] - w0[k]) * (double)(w1[k] - w0[k]); n += (double)w0[k] * w0[k]; }

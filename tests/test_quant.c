@@ -124,7 +124,7 @@ static void random_layer(int64_t N, int64_t K, int64_t M, uint64_t seed, float *
     for (int64_t i = 0; i < N * K; i++) (*w)[i] = 0.02f * mb_rng_normal(&g);
     float *x = malloc(M * K * sizeof *x);
     for (int64_t i = 0; i < M * K; i++) x[i] = mb_rng_normal(&g) * (1.0f + (float)(i % K) / K * 3); /* uneven input scales */
-    mb_hessian_init(h, K);
+    mb_hessian_init(h, NULL, K);
     mb_hessian_add(h, x, M);
     free(x);
 }
@@ -142,8 +142,10 @@ static void test_roundtrip(void) {
         struct mb_gptq_params gp;
         mb_gptq_default_params(&gp);
         gp.name = "test.layer";
+        gp.keep_wq = 1;
         struct mb_qresult r;
-        int rc = mb_gptq_quantize(w, N, K, &h, &q, &gp, &r);
+        struct mb_weight wv = mb_weight_view_f32(w, N, K, "test.layer");
+        int rc = mb_gptq_quantize(&wv, &h, &q, &gp, &r);
         CHECK_MSG(rc == 0, "%s", mb_errmsg());
         if (rc) { free(w); mb_hessian_free(&h); continue; }
         struct mb_exl2_packed pk;
@@ -183,7 +185,7 @@ static void test_roundtrip(void) {
 static void test_damping_failure(void) {
     int64_t K = 32, N = 32;
     struct mb_hessian h;
-    mb_hessian_init(&h, K);
+    mb_hessian_init(&h, NULL, K);
     h.count = 1;
     for (int64_t i = 0; i < K; i++) h.H[i * K + i] = 1;
     h.H[0 * K + 1] = h.H[1 * K + 0] = 5; /* indefinite: eigenvalue -4, 10 x 0.12 damping is not enough */
@@ -194,11 +196,12 @@ static void test_damping_failure(void) {
     mb_gptq_default_params(&gp);
     gp.name = "model.layers.3.mlp.down_proj";
     struct mb_qresult r;
-    CHECK_EQ(mb_gptq_quantize(w, N, K, &h, &q, &gp, &r), MB_ENUMERIC);
+    struct mb_weight wv = mb_weight_view_f32(w, N, K, gp.name);
+    CHECK_EQ(mb_gptq_quantize(&wv, &h, &q, &gp, &r), MB_ENUMERIC);
     CHECK(strstr(mb_errmsg(), "model.layers.3.mlp.down_proj") != NULL);
     /* with enough damping the retry succeeds */
     h.H[0 * K + 1] = h.H[1 * K + 0] = 1.5;
-    CHECK_EQ(mb_gptq_quantize(w, N, K, &h, &q, &gp, &r), 0);
+    CHECK_EQ(mb_gptq_quantize(&wv, &h, &q, &gp, &r), 0);
     CHECK(r.damp_used > 0.12);
     mb_qresult_free(&r);
     free(w);
@@ -207,11 +210,12 @@ static void test_damping_failure(void) {
 
 /* Hessians of every linear of kjv-llama from real calibration text */
 struct hcap { struct mb_hessian h[6][MB_CAP_COUNT]; };
-static void cap_fn(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K) {
+static int cap_fn(void *user, int layer, enum mb_cap which, int expert, const float *x, int64_t M, int64_t K) {
     struct hcap *c = user;
-    if (!c->h[layer][which].H) mb_hessian_init(&c->h[layer][which], K);
-    mb_hessian_add(&c->h[layer][which], x, M);
+    int rc;
+    if (!c->h[layer][which].H && (rc = mb_hessian_init(&c->h[layer][which], NULL, K))) return rc;
     (void)expert;
+    return mb_hessian_add(&c->h[layer][which], x, M);
 }
 
 static void test_gptq_beats_rtn(void) {
@@ -234,9 +238,9 @@ static void test_gptq_beats_rtn(void) {
     CHECK_EQ(mb_fwd_embed(&f, rows, R * L, x), 0);
     struct mb_layer_w *lw[6];
     for (int l = 0; l < 6; l++) {
-        CHECK_EQ(mb_layer_load(m, l, &lw[l]), 0);
-        CHECK_EQ(mb_fwd_attn(&f, lw[l], x, R, L, &cap), 0);
-        CHECK_EQ(mb_fwd_mlp(&f, lw[l], x, R * L, &cap), 0);
+        CHECK_EQ(mb_layer_load(m, &mb_ops_cpu, l, 0, &lw[l]), 0);
+        CHECK_EQ(mb_fwd_module(&f, lw[l], 2 * l, x, R, L, &cap), 0);
+        CHECK_EQ(mb_fwd_module(&f, lw[l], 2 * l + 1, x, R, L, &cap), 0);
     }
     const char *settings[] = {"0.05:3b_64g/0.95:2b_64g", "0.1:4b_128g/0.9:3b_128g", "1:4b_128g", "0.1:6b_128g/0.9:5b_128g"};
     const int capof[MB_P_COUNT] = {MB_CAP_QKV, MB_CAP_QKV, MB_CAP_QKV, MB_CAP_O, MB_CAP_GATEUP, MB_CAP_GATEUP, MB_CAP_DOWN};
@@ -251,11 +255,15 @@ static void test_gptq_beats_rtn(void) {
                 int64_t K = h->K, N = p == MB_P_K || p == MB_P_V ? 128 : p == MB_P_GATE || p == MB_P_UP ? 768 : 256;
                 struct mb_gptq_params gp;
                 mb_gptq_default_params(&gp);
+                gp.keep_wq = 1;
                 struct mb_qresult rg, rr;
-                CHECK_EQ(mb_gptq_quantize(lw[l]->w[p], N, K, h, &q, &gp, &rg), 0);
+                CHECK_EQ(mb_gptq_quantize(&lw[l]->w[p], h, &q, &gp, &rg), 0);
                 gp.rtn = 1;
-                CHECK_EQ(mb_gptq_quantize(lw[l]->w[p], N, K, h, &q, &gp, &rr), 0);
-                double eg = mb_output_error(lw[l]->w[p], rg.wq, N, K, h), er = mb_output_error(lw[l]->w[p], rr.wq, N, K, h);
+                CHECK_EQ(mb_gptq_quantize(&lw[l]->w[p], h, &q, &gp, &rr), 0);
+                float *w32 = malloc(N * K * sizeof *w32);
+                CHECK_EQ(mb_weight_rows_f32(&lw[l]->w[p], 0, N, w32), 0);
+                double eg = mb_output_error(w32, rg.wq, N, K, h), er = mb_output_error(w32, rr.wq, N, K, h);
+                free(w32);
                 total++;
                 if (!(eg < er)) { worse++; fprintf(stderr, "  layer %d proj %d %s: gptq %.5f rtn %.5f\n", l, p, settings[s], eg, er); }
                 sg += eg; sr += er;
