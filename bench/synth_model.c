@@ -1,6 +1,6 @@
 /* bench/synth_model.c: synthetic checkpoints with real model shapes, for memory and speed benchmarks.
  *
- *   synth_model OUT_DIR PRESET [LAYERS] [TOKENIZER_DIR]
+ *   synth_model OUT_DIR PRESET [LAYERS] [TOKENIZER_DIR] [EXPERTS]
  *
  * PRESET: mixtral-8x7b (hidden 4096, 32 / 8 heads, 8 experts of ffn 14336, top-2, vocab 32000),
  * mixtral-8x22b (hidden 6144, 48 / 8 heads, 8 experts of ffn 16384, top-2, vocab 32000), llama-7b (hidden
@@ -71,7 +71,7 @@ static void fill(const struct tens *t, int64_t r0, int64_t r1, const float *cols
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: synth_model OUT_DIR PRESET [LAYERS] [TOKENIZER_DIR]\npresets:");
+        fprintf(stderr, "usage: synth_model OUT_DIR PRESET [LAYERS] [TOKENIZER_DIR] [EXPERTS]\npresets:");
         for (size_t i = 0; i < sizeof presets / sizeof *presets; i++) fprintf(stderr, " %s", presets[i].name);
         fprintf(stderr, "\n");
         return 2;
@@ -82,6 +82,10 @@ int main(int argc, char **argv) {
     if (!P) { fprintf(stderr, "synth_model: unknown preset %s\n", argv[2]); return 2; }
     int64_t layers = argc > 3 ? atoll(argv[3]) : P->layers;
     const char *tokdir = argc > 4 ? argv[4] : "../shared/tokenizers/llama2";
+    struct preset pv = *P;
+    if (argc > 5) pv.experts = atoll(argv[5]); /* the preset's shapes with fewer experts (memory benchmarks) */
+    if (pv.experts < 0 || pv.experts > 64 || (pv.experts && pv.topk > pv.experts)) { fprintf(stderr, "synth_model: bad expert count\n"); return 2; }
+    P = &pv;
     if (layers < 1 || layers > 1000) { fprintf(stderr, "synth_model: bad layer count\n"); return 2; }
     if (mb_mkdir_p(out)) { fprintf(stderr, "%s\n", mb_errmsg()); return 1; }
 

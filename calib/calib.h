@@ -82,6 +82,11 @@ struct mb_fwd {
     struct mb_layer_w *cur, *next;
 };
 
+/* Bytes of the work buffers mb_fwd_init allocates for these sizes (activations, rope tables, MoE lists) */
+int64_t mb_fwd_bytes(const struct mb_config *c, int64_t max_rows, int64_t max_T);
+/* Stored bytes of layer `layer`'s weights (norms, projections, router) */
+int64_t mb_layer_bytes(const struct mb_model *m, int layer);
+
 /* Buffers for batches of up to max_rows rows and sequences of up to max_T tokens; loads embeddings, final
  * norm and head for the backend. */
 int mb_fwd_init(struct mb_fwd *f, const struct mb_model *m, const struct mb_ops *ops, int64_t max_rows, int64_t max_T);
@@ -116,6 +121,10 @@ struct mb_states {
 /* where: 0 host memory, 1 files in spill_dir, 2 backend memory of ops */
 int mb_states_open(struct mb_states *s, const struct mb_ops *ops, int64_t R, int64_t L, int64_t H, int where, const char *spill_dir);
 void mb_states_close(struct mb_states *s);
+/* Checkpoint buf[cur] to `path` atomically (mapped files: msync instead, path unused), and read it back. Device
+ * buffers go through host memory in chunks. */
+int mb_states_save(struct mb_states *s, const char *path);
+int mb_states_load(struct mb_states *s, const char *path);
 /* Embed rows [R, L] (host ids) into buf[cur] */
 int mb_states_embed(struct mb_states *s, struct mb_fwd *f, const int32_t *rows, int64_t chunk_rows);
 /* buf[cur ^ 1] = module m (weights w) of buf[cur], chunks of whole sequences up to chunk_rows rows; the
@@ -172,6 +181,10 @@ struct mb_ppl_params {
     const char *kld;      /* compare against this file */
     const struct mb_ops *ops;
     int progress;
+    /* BOS: the token stream starts with BOS and the llamacpp convention replaces each chunk's first token
+     * by it (bos_id), or neither; callers pass the model's rule (mb_tokenizer_adds_bos) or --bos */
+    int bos;
+    int32_t bos_id;
 };
 
 struct mb_ppl_result {
@@ -185,7 +198,7 @@ struct mb_ppl_result {
 };
 
 void mb_ppl_default_params(struct mb_ppl_params *p);
-/* Evaluate a token stream ids [n] (BOS first, as the conventions expect). */
+/* Evaluate a token stream ids [n] (with BOS first when p->bos, as the conventions expect). */
 int mb_ppl_run(const struct mb_model *m, const int32_t *ids, int64_t n, uint64_t tokenizer_hash, const struct mb_ppl_params *p,
                struct mb_ppl_result *r);
 /* The same on a text file, tokenized as it streams: memory stays bounded by one batch of windows, whatever

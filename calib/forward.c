@@ -157,6 +157,33 @@ static void rope_inv_freq(const struct mb_config *c, double *inv_freq) {
         }                                                                                                          \
     } while (0)
 
+int64_t mb_fwd_bytes(const struct mb_config *c, int64_t max_rows, int64_t max_T) {
+    int64_t H = c->hidden, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim, F = c->ffn, half = c->head_dim / 2;
+    int64_t f = 2 * max_T * half + max_rows * ((H > qd ? H : qd) + qd + 2 * kvd + qd + 2 * F + H);
+    if (c->n_experts) f += max_rows * (2 * c->n_experts + 2 * c->n_experts_per_tok + 2 + 2 * H);
+    return f * 4;
+}
+
+int64_t mb_layer_bytes(const struct mb_model *m, int layer) {
+    int64_t b = 0;
+    for (int i = 0; i < m->n_ex; i++) {
+        const struct mb_expect *e = &m->ex[i];
+        if (e->layer != layer) continue;
+        char nm[192];
+        const struct mb_tensor_info *t;
+        snprintf(nm, sizeof nm, "%s%s", e->name, e->kind == MB_T_LINEAR ? ".weight" : "");
+        if ((t = mb_st_find(m->st, nm))) b += (int64_t)t->nbytes;
+        else if (e->kind == MB_T_LINEAR) { /* EXL2: its q_* tensors */
+            static const char *suf[] = {"q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm"};
+            for (int k = 0; k < 5; k++) {
+                snprintf(nm, sizeof nm, "%s.%s", e->name, suf[k]);
+                if ((t = mb_st_find(m->st, nm))) b += (int64_t)t->nbytes;
+            }
+        }
+    }
+    return b;
+}
+
 int mb_fwd_init(struct mb_fwd *f, const struct mb_model *m, const struct mb_ops *ops, int64_t max_rows, int64_t max_T) {
     memset(f, 0, sizeof *f);
     const struct mb_config *c = &m->cfg;
@@ -233,12 +260,45 @@ int mb_fwd_layer(struct mb_fwd *f, int layer, const struct mb_layer_w **out) {
     return 0;
 }
 
-static int check_finite(struct mb_fwd *f, const float *x, int64_t n, const char *what, int layer) {
+/* the first non-finite value of a host weight view (-1 when none), scanned in tiles */
+static int64_t weight_nonfinite(const struct mb_weight *w) {
+    const int64_t RB = 64;
+    float *t = malloc((size_t)(RB * w->k) * sizeof *t);
+    int64_t bad = -1;
+    for (int64_t r0 = 0; t && r0 < w->n && bad < 0; r0 += RB) {
+        int64_t r1 = r0 + RB < w->n ? r0 + RB : w->n;
+        if (mb_weight_rows_f32(w, r0, r1, t)) break;
+        for (int64_t i = 0; i < (r1 - r0) * w->k; i++)
+            if (!isfinite(t[i])) { bad = r0 * w->k + i; break; }
+    }
+    free(t);
+    return bad;
+}
+
+/* After a non-finite activation: name the tensor of module m that holds non-finite values, if one does */
+static int name_bad_weight(struct mb_fwd *f, int m, const char *what, int64_t at, float val) {
+    const struct mb_model *md = f->m;
+    int layer = m / 2;
+    for (int i = 0; i < md->n_ex; i++) {
+        const struct mb_expect *e = &md->ex[i];
+        if (e->layer != layer) continue;
+        int in_module = e->kind == MB_T_NORM ? (strstr(e->name, "input_layernorm") != NULL) == (m % 2 == 0)
+                        : e->kind == MB_T_ROUTER ? m % 2 == 1 : (e->proj <= MB_P_O) == (m % 2 == 0);
+        if (!in_module) continue;
+        struct mb_weight v;
+        if (mb_model_weight(md, e->name, e->kind == MB_T_NORM ? 1 : e->rows, e->kind == MB_T_NORM ? e->rows : e->cols, &v)) continue;
+        int64_t bad = weight_nonfinite(&v);
+        if (bad >= 0) return mb_fail(MB_ENUMERIC, "layer %d %s: non-finite activation: tensor %s holds a non-finite value at element %lld", layer, what, v.name, (long long)bad);
+    }
+    return mb_fail(MB_ENUMERIC, "layer %d %s: non-finite activation (%g at element %lld)", layer, what, val, (long long)at);
+}
+
+static int check_finite(struct mb_fwd *f, const float *x, int64_t n, const char *what, int m) {
     float val = 0;
     int64_t i;
     int rc = f->ops->find_nonfinite(x, n, &i, &val);
-    if (rc) return mb_fail_ctx(rc, "layer %d %s", layer, what);
-    if (i >= 0) return mb_fail(MB_ENUMERIC, "layer %d %s: non-finite activation (%g at element %lld)", layer, what, val, (long long)i);
+    if (rc) return mb_fail_ctx(rc, "layer %d %s", m / 2, what);
+    if (i >= 0) return name_bad_weight(f, m, what, i, val);
     return 0;
 }
 
@@ -259,7 +319,7 @@ static int fwd_attn(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int6
     o->attention(f->att, f->q, f->k, f->v, S, T, c->n_heads, c->n_kv_heads, c->head_dim, c->sliding_window); // att [M, nh*hd]
     if (cap && cap->fn) TRY(cap->fn(cap->user, w->layer, MB_CAP_O, -1, f->att, M, qd));
     TRY(o->matmul(x, f->att, &w->w[MB_P_O], M, 1));                               // x += att @ Wo^T
-    return check_finite(f, x, M * H, "attention output", w->layer);
+    return check_finite(f, x, M * H, "attention output", 2 * w->layer);
 }
 
 static int fwd_mlp(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int64_t M, const struct mb_capture *cap) {
@@ -275,7 +335,7 @@ static int fwd_mlp(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int64
         o->swiglu(f->g, f->u, M * F);                                             // g = silu(g) * u
         if (cap && cap->fn) TRY(cap->fn(cap->user, w->layer, MB_CAP_DOWN, -1, f->g, M, F));
         TRY(o->matmul(x, f->g, &w->w[MB_P_DOWN], M, 1));                          // x += g @ Wd^T
-        return check_finite(f, x, M * H, "MLP output", w->layer);
+        return check_finite(f, x, M * H, "MLP output", 2 * w->layer + 1);
     }
     /* sparse MoE: softmax router, top-k, weights renormalized over the chosen experts */
     int E = c->n_experts, K = c->n_experts_per_tok;
@@ -297,7 +357,7 @@ static int fwd_mlp(struct mb_fwd *f, const struct mb_layer_w *w, float *x, int64
         o->scatter_add(f->tmp, f->xgo, f->rowidx, f->roww, routed, H);            // tmp[row] += weight * xgo
     }
     o->add(x, f->tmp, M * H);
-    return check_finite(f, x, M * H, "MoE output", w->layer);
+    return check_finite(f, x, M * H, "MoE output", 2 * w->layer + 1);
 }
 
 int mb_fwd_module(struct mb_fwd *f, const struct mb_layer_w *w, int m, float *x, int64_t S, int64_t T, const struct mb_capture *cap) {

@@ -60,6 +60,50 @@ void mb_states_close(struct mb_states *s) {
     }
 }
 
+/* host memory for device states moved in chunks of at most 64 MB */
+#define STATE_CHUNK ((size_t)64 << 20)
+
+int mb_states_save(struct mb_states *s, const char *path) {
+    size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
+    if (s->mapped) return msync(s->buf[s->cur], bytes, MS_SYNC) ? mb_fail(MB_EIO, "%s: msync: %s", s->path[s->cur], strerror(errno)) : 0;
+    if (!s->ops->device || !s->on_backend) return mb_write_file_atomic(path, s->buf[s->cur], bytes);
+    struct mb_atomic_file af;
+    int rc = mb_atomic_open(&af, path);
+    if (rc) return rc;
+    char *tmp = malloc(STATE_CHUNK);
+    if (!tmp) { mb_atomic_abort(&af); return mb_fail(MB_ENOMEM, "out of memory"); }
+    for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
+        size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
+        if (!(rc = s->ops->download(tmp, (char *)s->buf[s->cur] + o, n)) && fwrite(tmp, 1, n, af.f) != n)
+            rc = mb_fail(MB_EIO, "%s: write failed: %s", path, strerror(errno));
+    }
+    free(tmp);
+    if (rc) { mb_atomic_abort(&af); return rc; }
+    return mb_atomic_commit(&af);
+}
+
+int mb_states_load(struct mb_states *s, const char *path) {
+    size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
+    if (s->mapped) return 0; /* the files are the states */
+    FILE *f = fopen(path, "rb");
+    if (!f) return mb_fail(MB_EIO, "%s: missing checkpoint of the hidden states", path);
+    int rc = 0;
+    if (!s->ops->device || !s->on_backend) {
+        if (fread(s->buf[s->cur], 1, bytes, f) != bytes) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
+    } else {
+        char *tmp = malloc(STATE_CHUNK);
+        if (!tmp) rc = mb_fail(MB_ENOMEM, "out of memory");
+        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
+            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
+            if (fread(tmp, 1, n, f) != n) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
+            else rc = s->ops->upload((char *)s->buf[s->cur] + o, tmp, n);
+        }
+        free(tmp);
+    }
+    fclose(f);
+    return rc;
+}
+
 int mb_states_embed(struct mb_states *s, struct mb_fwd *f, const int32_t *rows, int64_t chunk_rows) {
     int64_t L = s->L, H = s->H, S = chunk_rows / L > 0 ? chunk_rows / L : 1;
     const struct mb_ops *o = f->ops;

@@ -25,6 +25,8 @@ void mb_ppl_default_params(struct mb_ppl_params *p) {
     p->topk = 32;
     p->ops = &mb_ops_cpu;
     p->progress = 1;
+    p->bos = 1;
+    p->bos_id = 1;
 }
 
 struct window { int64_t begin, T, lo, hi; int bos; }; /* targets [lo, hi) window-relative; logits at t-1 */
@@ -134,6 +136,11 @@ static int score_rows(struct ppl_state *st, int64_t ns) {
         }
         for (int64_t i = 0; i < nr && !rc; i++) {
             double lse = st->lse[i];
+            if (!isfinite(lse) || !isfinite(st->tl[i])) {
+                rc = mb_fail(MB_ENUMERIC, "the logits at scored position %lld are not finite (log-sum-exp %g): the final norm or the head (lm_head) holds non-finite values",
+                             (long long)(st->scored), lse);
+                break;
+            }
             st->nll_sum += lse - st->tl[i];
             if (st->saving) {
                 const int32_t *ids = st->tk_ids + i * K;
@@ -157,12 +164,19 @@ static int score_rows(struct ppl_state *st, int64_t ns) {
                 for (int k = 0; k < st->kref; k++) {
                     float lp;
                     memcpy(&lp, rec + 8 * k + 4, 4);
+                    /* a log-probability is finite and at most 0 (1e-4 of rounding) */
+                    if (!isfinite(lp) || lp > 1e-4f) {
+                        rc = mb_fail(MB_EFORMAT, "%s: position %lld, entry %d: %g is not a log-probability", st->p->kld, (long long)st->scored, k, lp);
+                        break;
+                    }
                     double lq = st->ref_lq[i * st->kref + k] - lse, pp = exp((double)lp);
                     kl += pp * ((double)lp - lq);
                     qmass += exp(lq);
                 }
+                if (rc) break;
                 float rest;
                 memcpy(&rest, rec + 8 * st->kref, 4);
+                if (isnan(rest) || rest > 1e-4f) { rc = mb_fail(MB_EFORMAT, "%s: position %lld: remaining mass %g is not a log-probability", st->p->kld, (long long)st->scored, rest); break; }
                 double prest = isfinite(rest) ? exp((double)rest) : 0, qrest = 1 - qmass;
                 if (qrest < 1e-30) qrest = 1e-30;
                 if (prest > 0) kl += prest * ((double)rest - log(qrest));
@@ -185,7 +199,7 @@ static int run_pending(struct ppl_state *st) {
     int rc = 0;
     for (int64_t s = 0; s < S; s++) {
         memcpy(st->bids + s * T, st->tok + (st->pend[s].begin - st->base), (size_t)T * sizeof *st->bids);
-        if (st->pend[s].bos) st->bids[s * T] = (int32_t)(st->c->bos_id >= 0 ? st->c->bos_id : 1);
+        if (st->pend[s].bos) st->bids[s * T] = st->p->bos_id;
     }
     if ((rc = mb_fwd_embed(&st->f, st->bids, S * T, st->x))) return rc;
     if ((rc = mb_fwd_run(&st->f, 0, (int)(2 * st->c->n_layers), st->x, S, T, NULL))) return rc;
@@ -225,7 +239,7 @@ static int plan(struct ppl_state *st) {
     int rc = 0;
     if (p->convention == MB_PPL_LLAMACPP) {
         while (!rc && st->next_begin + ctx <= n) {
-            rc = add_window(st, (struct window){st->next_begin, ctx, ctx / 2 + 1, ctx, 1});
+            rc = add_window(st, (struct window){st->next_begin, ctx, ctx / 2 + 1, ctx, p->bos});
             st->next_begin += ctx;
         }
     } else {
@@ -295,6 +309,7 @@ static int ppl_begin(struct ppl_state *st, const struct mb_model *m, uint64_t to
     if (p->ctx < 4) return mb_fail(MB_EINVAL, "context %lld is too small", (long long)p->ctx);
     if (p->topk < 1 || p->topk > c->vocab || p->topk > 4096) return mb_fail(MB_EINVAL, "top-k %d outside 1..%lld", p->topk, (long long)(c->vocab < 4096 ? c->vocab : 4096));
     if (p->stride < 0 || p->stride > p->ctx) return mb_fail(MB_EINVAL, "stride %lld outside 1..ctx", (long long)p->stride);
+    if (p->bos && (p->bos_id < 0 || p->bos_id >= c->vocab)) return mb_fail(MB_EINVAL, "BOS id %d outside the model's vocabulary (%lld)", p->bos_id, (long long)c->vocab);
     st->rows = p->batch_tokens > p->ctx ? p->batch_tokens / p->ctx * p->ctx : p->ctx;
     st->H = c->hidden;
     st->V = c->vocab;
@@ -374,6 +389,7 @@ static int ppl_end(struct ppl_state *st, struct mb_ppl_result *r) {
     r->evaluated = st->evaluated;
     r->mean_nll = st->nll_sum / (double)st->scored;
     r->ppl = exp(r->mean_nll);
+    if (!isfinite(r->ppl)) return mb_fail(MB_ENUMERIC, "perplexity is not finite (mean NLL %g over %lld tokens)", r->mean_nll, (long long)st->scored);
     r->tok_per_s = st->evaluated / (r->seconds > 0 ? r->seconds : 1e-9);
     if (st->kf) {
         uint8_t extra;
@@ -414,7 +430,7 @@ int mb_ppl_run_file(const struct mb_model *m, const struct mb_tokenizer *t, cons
     struct ppl_state *st = malloc(sizeof *st);
     if (!st) return mb_fail(MB_ENOMEM, "out of memory");
     int rc = ppl_begin(st, m, mb_tokenizer_hash(t), p);
-    if (!rc) rc = mb_tokenize_stream(t, path, 1, ppl_feed, st);
+    if (!rc) rc = mb_tokenize_stream(t, path, p->bos, ppl_feed, st);
     if (!rc) rc = ppl_end(st, r);
     ppl_free(st);
     free(st);

@@ -62,6 +62,7 @@ struct conv {
     int64_t *expert_tokens;/* [layers][experts] */
     int64_t decoder_numel;
     int64_t chunk_rows;
+    size_t device_reserve; /* device bytes kept free for weights and work buffers when placing the states */
     double alloc_err, sa_err, sa_bpw;
     double t_measure, t_quant;
 };
@@ -99,24 +100,24 @@ static int write_json_atomic(const char *path, json_t *j) {
 /* ---------------------------------------------------------------------------------------------- */
 /* hidden states and checkpoints                                                                   */
 
-/* the states of R rows, in memory or spilled to files in the work directory beyond --max-memory; on resume
- * the checkpointed states are read back */
+/* the states of R rows: on the device when the backend is a GPU and they fit (with room for one layer and
+ * the work buffers), else in host memory, spilled to files in the work directory beyond --max-memory; on
+ * resume the checkpointed states are read back */
 static int states_open(struct conv *cv, int64_t R, int resume) {
     size_t bytes = (size_t)(R * cv->L * cv->c->hidden) * sizeof(float);
-    int spill = cv->p->max_memory_mb > 0 && 2.0 * (double)bytes > cv->p->max_memory_mb * 1024 * 1024;
-    int rc = mb_states_open(&cv->st, cv->ops, R, cv->L, cv->c->hidden, spill ? 1 : 0, cv->work);
+    int where = cv->p->max_memory_mb > 0 && 2.0 * (double)bytes > cv->p->max_memory_mb * 1024 * 1024 ? 1 : 0;
+    if (cv->ops->device && where == 0) {
+        size_t fr = 0, tot = 0;
+        if (!mb_cuda_mem_info(&fr, &tot) && 2 * bytes + cv->device_reserve < fr) where = 2;
+    }
+    int rc = mb_states_open(&cv->st, cv->ops, R, cv->L, cv->c->hidden, where, cv->work);
     if (rc) return rc;
     cv->st.cur = cv->states_cur;
-    if (resume && !spill) {
-        char p[4400];
-        wpath(cv, p, sizeof p, "states.f32");
-        FILE *f = fopen(p, "rb");
-        if (!f) return mb_fail(MB_EIO, "%s: missing checkpoint of the hidden states", p);
-        size_t r = fread(cv->st.buf[cv->st.cur], 1, bytes, f);
-        fclose(f);
-        if (r != bytes) return mb_fail(MB_EFORMAT, "%s: truncated checkpoint", p);
-    }
-    if (spill) mb_info("hidden states: 2 x %.1f MB, spilled to %s (over --max-memory)", bytes / 1e6, cv->work);
+    char p[4400];
+    wpath(cv, p, sizeof p, "states.f32");
+    if (resume && (rc = mb_states_load(&cv->st, p))) return rc;
+    if (where == 1) mb_info("hidden states: 2 x %.1f MB, spilled to %s (over --max-memory)", bytes / 1e6, cv->work);
+    if (where == 2) mb_info("hidden states: 2 x %.1f MB on the %s device", bytes / 1e6, cv->ops->name);
     return 0;
 }
 
@@ -125,13 +126,8 @@ static int save_state(struct conv *cv) {
     int rc = 0;
     char p[4400];
     if (s->buf[0] && (cv->stage == ST_MEASURE || cv->stage == ST_QUANT || cv->stage == ST_HEAD)) {
-        size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
-        if (s->mapped) {
-            if (msync(s->buf[s->cur], bytes, MS_SYNC) != 0) return mb_fail(MB_EIO, "%s: msync: %s", s->path[s->cur], strerror(errno));
-        } else {
-            wpath(cv, p, sizeof p, "states.f32");
-            if ((rc = mb_write_file_atomic(p, s->buf[s->cur], bytes))) return rc;
-        }
+        wpath(cv, p, sizeof p, "states.f32");
+        if ((rc = mb_states_save(s, p))) return rc;
     }
     json_t *j = json_object();
     json_object_set_new(j, "args", json_string(cv->args_hash));
@@ -585,6 +581,7 @@ static int evaluate(struct conv *cv, json_t *report) {
     int rc;
     struct mb_ppl_params pp;
     mb_ppl_default_params(&pp);
+    pp.ops = cv->ops;
     pp.convention = MB_PPL_PAPER;
     pp.ctx = cv->p->eval_ctx > 0 ? cv->p->eval_ctx : (c->max_pos < 2048 ? c->max_pos : 2048);
     pp.max_tokens = cv->p->eval_tokens;
@@ -699,6 +696,61 @@ static int rm_rf(const char *path) {
     return system(cmd) == 0 ? 0 : mb_fail(MB_EIO, "%s: cannot remove", path);
 }
 
+/* Peak memory of the long stages, from the shapes (bench/RESULTS.md checks it against measured peaks):
+ *   states      2 x rows x length x hidden x 4            (module input and output of every calibration row)
+ *   work        the runner's activations for chunk_rows rows (mb_fwd_bytes) + the weight tile
+ *   hessians    per module, f64: attention H^2 + (heads*hd)^2; MLP H^2 + ffn^2; MoE H^2 + experts x ffn^2
+ *   gptq        the largest projection: 2 x Kp^2 x 8 (factorization) + Kp x N x 4 (weights in act order)
+ *   candidates  measurement: every distinct setting of every projection, packed (bits / 8 bytes);
+ *               quantization: the chosen setting only
+ *   weights     on a GPU: the current and the prefetched layer (CPU: the mapping, page cache, not counted)
+ * peak(stage) = states + work + max over modules (hessians + gptq + candidates) [+ 2 x largest layer on a GPU] */
+struct mem_plan { double states_m, states_q, work, layer, hess, gptq, cand_m, cand_q; };
+
+static void memory_plan(const struct conv *cv, struct mem_plan *mp) {
+    const struct mb_config *c = cv->c;
+    int64_t H = c->hidden, E = c->n_experts ? c->n_experts : 1;
+    memset(mp, 0, sizeof *mp);
+    mp->states_m = 2.0 * cv->Rm * cv->L * H * 4;
+    mp->states_q = 2.0 * cv->Rq * cv->L * H * 4;
+    mp->work = (double)mb_fwd_bytes(c, cv->chunk_rows, cv->L) + (cv->ops->device ? (256.0 + 1024.0) * 1048576 : 16.0 * 1048576);
+    for (int m = 0; m < cv->nmod; m++) {
+        const struct mb_module_table *t = &cv->tab[m];
+        int64_t qd = c->n_heads * c->head_dim;
+        double hs = m % 2 == 0 ? (double)H * H + (double)qd * qd : (double)H * H + (double)(c->n_experts ? E : 1) * c->ffn * c->ffn;
+        if (hs * 8 > mp->hess) mp->hess = hs * 8;
+        double cand = 0, chosen = 0;
+        for (int pi = 0; pi < t->nproj; pi++) {
+            int64_t N, K;
+            mb_proj_shape(c, t->proj[pi], &N, &K);
+            int64_t Kp = (K + 31) / 32 * 32;
+            double g = 2.0 * Kp * Kp * 8 + (double)Kp * N * 4;
+            if (g > mp->gptq) mp->gptq = g;
+            const char *seen[MB_MODULE_OPTIONS_MAX];
+            int ns = 0;
+            for (int r = 0; r < t->n; r++) {
+                int dup = 0;
+                for (int k = 0; k < ns; k++) dup |= !strcmp(seen[k], t->setting[r][pi]);
+                if (dup) continue;
+                seen[ns++] = t->setting[r][pi];
+                struct mb_qsetting q;
+                if (!mb_qsetting_parse(t->setting[r][pi], &q)) cand += (double)t->experts * mb_qsetting_bits(&q, K, N, 0) / 8;
+            }
+        }
+        for (int r = 0; r < t->n; r++) if ((double)t->bits[r] / 8 > chosen) chosen = (double)t->bits[r] / 8;
+        if (cand > mp->cand_m) mp->cand_m = cand;
+        if (chosen > mp->cand_q) mp->cand_q = chosen;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        double b = (double)mb_layer_bytes(cv->m, l);
+        if (b > mp->layer) mp->layer = b;
+    }
+}
+
+static double plan_peak(const struct mem_plan *mp, int measure, int device) {
+    return (measure ? mp->states_m + mp->cand_m : mp->states_q + mp->cand_q) + mp->work + mp->hess + mp->gptq + (device ? 2 * mp->layer : 0);
+}
+
 /* everything that can be checked before the first long stage: inputs, the model, the target, the
  * calibration geometry; then the work directory and a checkpoint to resume from */
 static int preflight(struct conv *cv, int *found) {
@@ -761,6 +813,20 @@ static int preflight(struct conv *cv, int *found) {
     if (!p->min_expert_tokens && cv->c->n_experts) {
         struct mb_convert_params *pw = (struct mb_convert_params *)p;
         pw->min_expert_tokens = cv->Rq * cv->L / 20 / cv->c->n_experts + 1;
+    }
+    /* the memory each long stage will need, said before it starts; a GPU that cannot hold it is refused now */
+    struct mem_plan mp;
+    memory_plan(cv, &mp);
+    double pm = plan_peak(&mp, 1, cv->ops->device), pq = plan_peak(&mp, 0, cv->ops->device);
+    mb_info("memory plan (%s): measurement %.2f GB, quantization %.2f GB (states %.2f / %.2f, Hessians %.2f, GPTQ %.2f, candidates %.2f, "
+            "work %.2f, layer %.2f GB)", cv->ops->name, pm / 1e9, pq / 1e9, mp.states_m / 1e9, mp.states_q / 1e9, mp.hess / 1e9, mp.gptq / 1e9,
+            mp.cand_m / 1e9, mp.work / 1e9, mp.layer / 1e9);
+    if (cv->ops->device) {
+        size_t fr = 0, tot = 0;
+        double need = (p->uniform || p->measurement ? pq : (pm > pq ? pm : pq)) - (p->uniform || p->measurement ? mp.states_q : (mp.states_m > mp.states_q ? mp.states_m : mp.states_q));
+        if (!mb_cuda_mem_info(&fr, &tot) && need > (double)fr)
+            return mb_fail(MB_ENOMEM, "the conversion needs about %.1f GB of device memory besides the hidden states; %.1f GB of %.1f GB are free", need / 1e9, fr / 1e9, tot / 1e9);
+        cv->device_reserve = (size_t)need;
     }
     args_hash(p, cv->m->dir, cv->args_hash);
     if ((rc = mb_mkdir_p(cv->work))) return rc;
@@ -905,10 +971,11 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     struct conv *cv = &cvs;
     memset(cv, 0, sizeof *cv);
     cv->p = p;
-    cv->ops = &mb_ops_cpu;
     json_t *report = NULL;
     int rc = 0, found = 0;
     double t_start = mb_now();
+    if ((rc = mb_ops_select(p->device, &cv->ops))) goto out;
+    mb_info("compute: %s", cv->ops->name);
     if ((rc = preflight(cv, &found))) goto out;
     if ((rc = stage_rows(cv, found))) goto out;
     if (cv->stage <= ST_HEAD && (rc = mb_fwd_init(&cv->f, cv->m, cv->ops, cv->chunk_rows, cv->L))) goto out;

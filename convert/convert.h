@@ -27,6 +27,8 @@ struct mb_ppl_cmd_params {
     const char *convention; /* "paper" (default) or "llamacpp" */
     int64_t ctx, stride, max_tokens, batch_tokens, topk;
     const char *save_logprobs, *kld;
+    const char *device;     /* auto / cuda / cpu */
+    const char *bos;        /* "yes", "no", or NULL: the model's rule (tokenizer_config.json, else the tokenizer's default) */
     int json;
 };
 /* Perplexity (and KL divergence) of a model on a text file; prints the result. */
@@ -54,6 +56,7 @@ struct mb_convert_params {
     int rtn;                    /* baseline: round to nearest (no GPTQ error feedback) */
     double alloc_power;         /* allocation minimises sum of err^p (default 1) */
     int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
+    const char *device;         /* "auto" (default: CUDA when a usable GPU is present), "cuda" or "cpu" */
 };
 void mb_convert_default_params(struct mb_convert_params *p);
 /* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */

@@ -107,6 +107,9 @@ extern const struct mb_ops mb_ops_cpu;
 
 /* The CUDA table, or MB_ENOCUDA (with the reason) when CUDA is not built or no GPU is usable */
 int mb_ops_cuda(const struct mb_ops **out);
+/* The table for a --device value: "cpu", "cuda" (an error naming the reason when no GPU is usable) or "auto"
+ * / NULL (CUDA when a usable GPU is present, else the CPU) */
+int mb_ops_select(const char *device, const struct mb_ops **out);
 
 /* Rows [r0, r1) of a host weight as f32 into out [(r1 - r0), w->k] (EXL2: dequantized, exact f32 products of
  * the values and the fp16 scales; padded input rows dropped). */

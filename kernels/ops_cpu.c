@@ -498,3 +498,14 @@ const struct mb_ops mb_ops_cpu = {
     .seq_error = cpu_seq_error,
     .hessian_add = cpu_hessian_add,
 };
+
+int mb_ops_select(const char *device, const struct mb_ops **out) {
+    *out = &mb_ops_cpu;
+    if (device && !strcmp(device, "cpu")) return 0;
+    if (device && strcmp(device, "cuda") && strcmp(device, "auto")) return mb_fail(MB_EUSAGE, "--device must be auto, cuda or cpu, not \"%s\"", device);
+    const struct mb_ops *c;
+    int rc = mb_ops_cuda(&c);
+    if (!rc) { *out = c; return 0; }
+    if (device && !strcmp(device, "cuda")) return mb_fail_ctx(rc, "--device cuda");
+    return 0;
+}

@@ -221,12 +221,34 @@ static void test_failures(void) {
     CHECK(strstr(err, "already exists") != NULL);
 }
 
+/* the same conversion on 1, 2 and 4 threads: byte-identical tensors and measurement */
+static void test_thread_determinism(void) {
+    char src[512], out[3][512], cmd[4096], err[8192], a[700], b[700];
+    snprintf(src, sizeof src, "%s/models/stories260K-moe4", th_shared());
+    const int threads[3] = {1, 2, 4};
+    for (int k = 0; k < 3; k++) {
+        snprintf(out[k], sizeof out[k], "%s/threads%d", tmpdir, threads[k]);
+        snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=%d %s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 4 --no-eval " SMALL, threads[k], mixbit(), src,
+                 out[k], th_shared());
+        int ec = run(cmd, err, sizeof err);
+        CHECK_MSG(ec == 0, "%d threads: exit %d: %s", threads[k], ec, err);
+    }
+    const char *files[] = {"output.safetensors", "measurement.json"};
+    for (int k = 1; k < 3; k++)
+        for (int f = 0; f < 2; f++) {
+            snprintf(a, sizeof a, "%s/%s", out[0], files[f]);
+            snprintf(b, sizeof b, "%s/%s", out[k], files[f]);
+            CHECK_MSG(files_equal(a, b), "%s differs between 1 and %d threads", files[f], threads[k]);
+        }
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/mb_test_convert_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     RUN(test_convert_models);
     RUN(test_kill_resume);
     RUN(test_failures);
+    RUN(test_thread_determinism);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd)) {}

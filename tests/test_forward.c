@@ -260,6 +260,102 @@ static void test_rope_and_window(void) {
     free(q); free(k); free(v); free(o0); free(o1); free(o2);
 }
 
+/* a copy of stories260K with one value of `tensor` (element `at`) set to v */
+static int poisoned_copy(const char *dir, const char *tensor, int64_t at, float v) {
+    char src[512], cmd[2048], p[600];
+    snprintf(src, sizeof src, "%s/models/stories260K", th_shared());
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s && cp %s/* %s/", dir, dir, src, dir);
+    if (system(cmd)) return -1;
+    struct mb_st_set *s = NULL;
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    if (mb_st_set_open(p, &s)) return -1;
+    const struct mb_tensor_info *t = mb_st_find(s, tensor);
+    long off = t ? (long)(8 + s->files[0]->header_len + t->offset + at * 4) : -1;
+    mb_st_set_close(s);
+    if (off < 0) return -1;
+    FILE *f = fopen(p, "r+b");
+    if (!f) return -1;
+    fseek(f, off, SEEK_SET);
+    fwrite(&v, 4, 1, f);
+    fclose(f);
+    return 0;
+}
+
+/* non-finite weights are named; invalid reference log-probabilities and NaN perplexities are errors */
+static void test_nonfinite(void) {
+    char dir[256], tp[512];
+    snprintf(dir, sizeof dir, "/tmp/mb_test_nan_%ld", (long)getpid());
+    snprintf(tp, sizeof tp, "%s/text/tinystories-sample.txt", th_shared());
+    const char *tensors[] = {"model.layers.2.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.1.input_layernorm.weight"};
+    for (int k = 0; k < 3; k++) {
+        CHECK_EQ(poisoned_copy(dir, tensors[k], 5, k == 1 ? INFINITY : NAN), 0);
+        struct mb_model *m = NULL;
+        struct mb_tokenizer *t = NULL;
+        CHECK_EQ(mb_model_open(dir, &m), 0);
+        CHECK_EQ(mb_tokenizer_load(dir, &t), 0);
+        if (!m || !t) { mb_model_close(m); mb_tokenizer_free(t); continue; }
+        struct mb_ppl_params pp;
+        mb_ppl_default_params(&pp);
+        pp.ctx = 64;
+        pp.progress = 0;
+        struct mb_ppl_result r;
+        CHECK_EQ(mb_ppl_run_file(m, t, tp, &pp, &r), MB_ENUMERIC);
+        CHECK_MSG(strstr(mb_errmsg(), tensors[k]) != NULL, "%s: %s", tensors[k], mb_errmsg());
+        mb_model_close(m);
+        mb_tokenizer_free(t);
+    }
+    /* the final norm: the logits are not finite; a clear error, never "perplexity nan" */
+    CHECK_EQ(poisoned_copy(dir, "model.norm.weight", 3, NAN), 0);
+    struct mb_model *m = NULL;
+    struct mb_tokenizer *t = NULL;
+    CHECK_EQ(mb_model_open(dir, &m), 0);
+    CHECK_EQ(mb_tokenizer_load(dir, &t), 0);
+    if (m && t) {
+        struct mb_ppl_params pp;
+        mb_ppl_default_params(&pp);
+        pp.ctx = 64;
+        pp.progress = 0;
+        struct mb_ppl_result r;
+        CHECK_EQ(mb_ppl_run_file(m, t, tp, &pp, &r), MB_ENUMERIC);
+        CHECK_MSG(strstr(mb_errmsg(), "not finite") != NULL, "%s", mb_errmsg());
+    }
+    mb_model_close(m);
+    mb_tokenizer_free(t);
+    /* a reference file with a NaN or a positive log-probability is refused */
+    char md[512], lp[600], cmd[700];
+    snprintf(md, sizeof md, "%s/models/stories260K", th_shared());
+    snprintf(lp, sizeof lp, "%s/ref.bin", dir);
+    CHECK_EQ(mb_model_open(md, &m), 0);
+    CHECK_EQ(mb_tokenizer_load(md, &t), 0);
+    if (m && t) {
+        struct mb_ppl_params pp;
+        mb_ppl_default_params(&pp);
+        pp.ctx = 64;
+        pp.progress = 0;
+        pp.topk = 4;
+        pp.save_logprobs = lp;
+        struct mb_ppl_result r;
+        CHECK_EQ(mb_ppl_run_file(m, t, tp, &pp, &r), 0);
+        pp.save_logprobs = NULL;
+        pp.kld = lp;
+        const float bad[2] = {NAN, 3.0f};
+        for (int b = 0; b < 2; b++) {
+            FILE *f = fopen(lp, "r+b");
+            CHECK(f != NULL);
+            if (!f) break;
+            fseek(f, 56 + 36 * 7 + 8 * 2 + 4, SEEK_SET); /* record 7, entry 2: its log-probability */
+            fwrite(&bad[b], 4, 1, f);
+            fclose(f);
+            CHECK_EQ(mb_ppl_run_file(m, t, tp, &pp, &r), MB_EFORMAT);
+            CHECK_MSG(strstr(mb_errmsg(), "not a log-probability") != NULL, "%s", mb_errmsg());
+        }
+    }
+    mb_model_close(m);
+    mb_tokenizer_free(t);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd)) {}
+}
+
 int main(void) {
     RUN(test_nll_reference);
     RUN(test_moe_equals_dense);
@@ -267,5 +363,6 @@ int main(void) {
     RUN(test_kld);
     RUN(test_stream_and_stride);
     RUN(test_rope_and_window);
+    RUN(test_nonfinite);
     TEST_MAIN_END();
 }
