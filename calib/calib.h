@@ -158,7 +158,8 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
 
 /* Quantize the projections of module m with one row of its option table (or the given setting for every
  * projection when `uniform`), GPTQ (rtn: round to nearest) and EXL2 packing with the self-check. On success
- * packed [t->nproj * experts] (projection-major) holds the packed tensors (mb_exl2_packed_free each) and *q a
+ * packed [t->nproj * experts] (projection-major) holds the packed tensors (mb_exl2_packed_free each; empty for the
+ * projections the table keeps in F16, which keep the layer's weights) and *q a
  * copy of layer w whose module-m projections are those packed layers, loaded for the backend (it shares w's
  * other weights: use it while w is loaded; free with mb_quantized_free). */
 int mb_quantize_module(const struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs, const struct mb_module_table *t,

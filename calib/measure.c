@@ -309,7 +309,7 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
     double *dd = NULL, *rr = NULL, *hd = NULL, *hr = NULL;
     if (!var || !vw) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
     for (int pi = 0; pi < np && !rc; pi++)
-        for (int e = 0; e < ne && !rc; e++)
+        for (int e = 0; e < ne && !rc && !t->f16[pi]; e++) /* F16 projections keep their weights in every option */
             for (int k = 0; k < nd[pi] && !rc; k++) {
                 size_t i = ((size_t)pi * MB_MODULE_OPTIONS_MAX + k) * ne + e;
                 int64_t N, K;
@@ -332,7 +332,7 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
     if (!tmp || (!s->on_backend && !ref) || !dd || !rr || !hd || !hr) { rc = mb_fail(MB_ENOMEM, "out of %s memory for measurement buffers", o->name); goto out; }
     for (int r = 0; r < no && !rc; r++) {
         for (int pi = 0; pi < np; pi++)
-            for (int e = 0; e < ne; e++) *mb_layer_slot(cand, t->proj[pi], moe ? e : -1) = vw[((size_t)pi * MB_MODULE_OPTIONS_MAX + map[r][pi]) * ne + e];
+            for (int e = 0; e < ne && !t->f16[pi]; e++) *mb_layer_slot(cand, t->proj[pi], moe ? e : -1) = vw[((size_t)pi * MB_MODULE_OPTIONS_MAX + map[r][pi]) * ne + e];
         double sum = 0;
         for (int64_t s0 = 0; s0 < R && !rc; s0 += S) {
             int64_t ns = R - s0 < S ? R - s0 : S;
@@ -388,9 +388,9 @@ int mb_quantize_module(const struct mb_fwd *f, const struct mb_layer_w *w, int m
     if ((rc = layer_shadow(w, m, &q))) return rc;
     /* the shadow's projection slots are replaced below; mark them empty first so a failure releases only ours */
     for (int pi = 0; pi < t->nproj; pi++)
-        for (int e = 0; e < ne; e++) memset(mb_layer_slot(q, t->proj[pi], moe ? e : -1), 0, sizeof(struct mb_weight));
+        for (int e = 0; e < ne && !t->f16[pi]; e++) memset(mb_layer_slot(q, t->proj[pi], moe ? e : -1), 0, sizeof(struct mb_weight));
     for (int pi = 0; pi < t->nproj && !rc; pi++)
-        for (int e = 0; e < ne && !rc; e++) {
+        for (int e = 0; e < ne && !rc && !t->f16[pi]; e++) { /* F16 projections keep the layer's own weights */
             int64_t N, K;
             mb_proj_shape(c, t->proj[pi], &N, &K);
             struct mb_exl2_packed *pk = &packed[pi * ne + e];
@@ -412,7 +412,7 @@ void mb_quantized_free(struct mb_layer_w *q, int m, const struct mb_module_table
     if (!q) return;
     int moe = m % 2 == 1 && q->n_experts;
     for (int pi = 0; pi < t->nproj; pi++)
-        for (int e = 0; e < (moe ? q->n_experts : 1); e++) {
+        for (int e = 0; e < (moe ? q->n_experts : 1) && !t->f16[pi]; e++) {
             struct mb_weight *sl = mb_layer_slot(q, t->proj[pi], moe ? e : -1);
             if (sl->type == MB_W_EXL2) q->ops->weight_release(sl);
         }

@@ -167,7 +167,6 @@ static int cmd_convert(int argc, char **argv) {
         fprintf(stderr, "mixbit convert: no --cal given and the shipped demo/calib.txt was not found\n");
         return 2;
     }
-    p.cal_name = p.cal;
     if (no_eval) p.eval = NULL;
     else if (!p.eval && !(p.eval = beside_binary("demo/eval.txt", evb, sizeof evb))) {
         fprintf(stderr, "mixbit convert: no --eval given and the shipped demo/eval.txt was not found (or use --no-eval)\n");

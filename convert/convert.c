@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../calib/calib.h"
@@ -55,6 +56,7 @@ struct conv {
     int states_cur;        /* which states buffer holds the current input (kept across stages) */
     struct mb_fwd f;
     int extra;             /* MB_EXTRA_SETTING in the tables */
+    int bos;               /* calibration rows and evaluation start with BOS: the model's rule */
     struct mb_module_table *tab; /* [nmod] */
     double *acc;           /* [nmod][MB_MODULE_OPTIONS_MAX] accuracy per option */
     int *choice;           /* [nmod] */
@@ -95,6 +97,25 @@ static int write_json_atomic(const char *path, json_t *j) {
     int rc = mb_write_file_atomic(path, t, n + 1);
     free(t);
     return rc;
+}
+
+/* the last component of a path (no directory of the converting machine ever reaches the output) */
+static const char *base_name(const char *path) {
+    if (!path) return NULL;
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/') n--;
+    static _Thread_local char buf[512];
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/') b--;
+    snprintf(buf, sizeof buf, "%.*s", (int)(n - b), path + b);
+    return buf;
+}
+
+/* the calibration text's name as recorded in the output */
+static const char *cal_name(const struct conv *cv) {
+    static _Thread_local char buf[512];
+    snprintf(buf, sizeof buf, "%s", cv->p->cal_name ? cv->p->cal_name : cv->p->cal ? base_name(cv->p->cal) : "none");
+    return buf;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -273,6 +294,28 @@ static int add_packed(struct entries *es, const char *mod, struct mb_exl2_packed
     return 0;
 }
 
+/* a weight kept unquantized (input size not a multiple of 32): "<name>.weight" as F16, from the source tensor src */
+static int add_f16_weight(struct conv *cv, struct entries *es, const char *name, const char *src, int64_t N, int64_t K) {
+    struct mb_weight v;
+    int rc = mb_model_weight(cv->m, src, N, K, &v);
+    if (rc) return rc;
+    float *f = malloc((size_t)(N * K) * sizeof *f);
+    uint16_t *h = malloc((size_t)(N * K) * sizeof *h);
+    if (!f || !h) { free(f); free(h); return mb_fail(MB_ENOMEM, "out of memory"); }
+    if ((rc = mb_weight_rows_f32(&v, 0, N, f))) { free(f); free(h); return rc; }
+    for (int64_t i = 0; i < N * K; i++) h[i] = mb_f32_to_f16(f[i]);
+    free(f);
+    char nm[200];
+    snprintf(nm, sizeof nm, "%s.weight", name);
+    return ent_add(es, nm, MB_F16, 2, N, K, h, 1);
+}
+
+static int add_f16(struct conv *cv, struct entries *es, const char *ln, int proj) {
+    int64_t N, K;
+    mb_proj_shape(cv->c, proj, &N, &K);
+    return add_f16_weight(cv, es, ln, ln, N, K);
+}
+
 static int quant_module(struct conv *cv, int m) {
     const struct mb_module_table *t = &cv->tab[m];
     const struct mb_layer_w *w;
@@ -293,7 +336,7 @@ static int quant_module(struct conv *cv, int m) {
         for (int e = 0; e < t->experts && !rc; e++) {
             char ln[160];
             mb_linear_name(cv->c, m / 2, t->proj[pi], t->experts > 1 || (m % 2 && cv->c->n_experts) ? e : -1, ln, sizeof ln);
-            rc = add_packed(&es, ln, &pk[pi * t->experts + e]);
+            rc = t->f16[pi] ? add_f16(cv, &es, ln, t->proj[pi]) : add_packed(&es, ln, &pk[pi * t->experts + e]);
         }
     if (rc) goto out;
     char p[4400], fn[64];
@@ -339,9 +382,18 @@ static int quant_head(struct conv *cv) {
     const struct mb_config *c = cv->c;
     const struct mb_ops *o = cv->ops;
     int64_t H = c->hidden, V = c->vocab, M = cv->Rq * cv->L, CH = cv->chunk_rows;
+    int rc;
+    if (H % 32) { /* an input size the EXL2 kernels cannot take: the head stays F16 (as the decoder's such layers) */
+        struct entries es = {0};
+        char p[4400];
+        rc = add_f16_weight(cv, &es, "lm_head", c->tied && !mb_st_find(cv->m->st, "lm_head.weight") ? "model.embed_tokens" : "lm_head", V, H);
+        wpath(cv, p, sizeof p, "q_head.safetensors");
+        if (!rc) rc = mb_st_write(p, es.e, es.n, NULL, 0);
+        ent_free(&es);
+        return rc;
+    }
     struct mb_hessian h;
-    int rc = mb_hessian_init(&h, o, H);
-    if (rc) return rc;
+    if ((rc = mb_hessian_init(&h, o, H))) return rc;
     float *xn = o->alloc((size_t)(CH * H) * sizeof *xn), *stage = cv->st.on_backend ? NULL : o->alloc((size_t)(CH * H) * sizeof *stage);
     struct entries es = {0};
     if (!xn || (!cv->st.on_backend && !stage)) { rc = mb_fail(MB_ENOMEM, "out of %s memory for the head", o->name); goto out; }
@@ -518,7 +570,7 @@ static int write_config(struct conv *cv) {
     json_object_set_new(q, "head_bits", json_integer(cv->p->head_bits));
     json_object_set_new(cal, "rows", json_integer(cv->Rq));
     json_object_set_new(cal, "length", json_integer(cv->L));
-    json_object_set_new(cal, "dataset", json_string(cv->p->cal_name));
+    json_object_set_new(cal, "dataset", json_string(cal_name(cv)));
     json_object_set_new(q, "calibration", cal);
     json_object_set_new(cfg, "quantization_config", q);
     mb_path_join(b, sizeof b, cv->part, "config.json");
@@ -583,6 +635,8 @@ static int evaluate(struct conv *cv, json_t *report) {
     mb_ppl_default_params(&pp);
     pp.ops = cv->ops;
     pp.convention = MB_PPL_PAPER;
+    pp.bos = cv->bos;
+    pp.bos_id = mb_tokenizer_bos(cv->tok);
     pp.ctx = cv->p->eval_ctx > 0 ? cv->p->eval_ctx : (c->max_pos < 2048 ? c->max_pos : 2048);
     pp.max_tokens = cv->p->eval_tokens;
     char lp[4400];
@@ -602,7 +656,8 @@ static int evaluate(struct conv *cv, json_t *report) {
     mb_model_close(q);
     if (rc) return rc;
     json_t *e = json_object();
-    json_object_set_new(e, "text", json_string(cv->p->eval));
+    json_object_set_new(e, "text", json_string(base_name(cv->p->eval)));
+    json_object_set_new(e, "bos", json_boolean(pp.bos));
     json_object_set_new(e, "convention", json_string("paper"));
     json_object_set_new(e, "ctx", json_integer(pp.ctx));
     json_object_set_new(e, "tokens", json_integer(a.tokens));
@@ -766,6 +821,7 @@ static int preflight(struct conv *cv, int *found) {
     cv->c = &cv->m->cfg;
     if (cv->c->is_exl2) return mb_fail(MB_EINVAL, "%s is already an EXL2 model", p->in);
     if ((rc = mb_tokenizer_load(cv->m->dir, &cv->tok))) return mb_fail_ctx(rc, "the model's tokenizer is needed for calibration");
+    cv->bos = mb_tokenizer_adds_bos(cv->tok) && mb_tokenizer_bos(cv->tok) >= 0;
     if (p->head_bits && !mb_head_option(p->head_bits)) return mb_fail(MB_EUSAGE, "--head-bits must be 2, 3, 4, 5, 6 or 8");
     cv->nmod = (int)(2 * cv->c->n_layers);
     cv->tab = calloc(cv->nmod, sizeof *cv->tab);
@@ -851,8 +907,8 @@ static int stage_rows(struct conv *cv, int found) {
     } else {
         int32_t *a = NULL, *b = NULL;
         mb_info("calibration: %s, %lld x %lld tokens for measurement, %lld x %lld for quantization", p->cal, (long long)cv->Rm, (long long)cv->L, (long long)cv->Rq, (long long)cv->L);
-        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rm, cv->L, 1, p->seed, &a))) return rc;
-        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rq, cv->L, 1, p->seed + 1, &b))) { free(a); return rc; }
+        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rm, cv->L, cv->bos, p->seed, &a))) return rc;
+        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rq, cv->L, cv->bos, p->seed + 1, &b))) { free(a); return rc; }
         cv->rows_m = malloc((size_t)nrows_total * 4);
         if (!cv->rows_m) { free(a); free(b); return mb_fail(MB_ENOMEM, "out of memory"); }
         memcpy(cv->rows_m, a, (size_t)(cv->Rm * cv->L) * 4);
@@ -907,19 +963,91 @@ static int stage_compile(struct conv *cv) {
     return save_state(cv);
 }
 
-/* the summary: choices, bpw, accuracies, expert routing */
+/* the front-matter value of `key` in a model card (first "key: value" line between the leading "---" lines),
+ * malloc'd, or NULL */
+static char *card_field(const char *card, const char *key) {
+    if (!card || strncmp(card, "---", 3)) return NULL;
+    const char *end = strstr(card + 3, "\n---");
+    size_t kl = strlen(key);
+    for (const char *l = strchr(card, '\n'); l && (!end || l < end); l = strchr(l + 1, '\n')) {
+        const char *k = l + 1;
+        if (strncmp(k, key, kl) || k[kl] != ':') continue;
+        const char *v = k + kl + 1;
+        while (*v == ' ' || *v == '\t') v++;
+        size_t n = strcspn(v, "\r\n");
+        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+        if (n >= 2 && (v[0] == '"' || v[0] == '\'') && v[n - 1] == v[0]) { v++; n -= 2; }
+        if (!n) return NULL;
+        char *r = malloc(n + 1);
+        if (r) { memcpy(r, v, n); r[n] = 0; }
+        return r;
+    }
+    return NULL;
+}
+
+/* the source repository id: --base-model, else config.json's _name_or_path when it looks like "org/name" */
+static json_t *base_model_json(const struct conv *cv) {
+    if (cv->p->base_model) return json_string(cv->p->base_model);
+    char p[4400];
+    mb_path_join(p, sizeof p, cv->m->dir, "config.json");
+    json_t *cfg = json_load_file(p, 0, NULL), *r = json_null();
+    const char *n = json_string_value(json_object_get(cfg, "_name_or_path"));
+    if (n && n[0] != '/' && n[0] != '.' && strchr(n, '/') && !strchr(strchr(n, '/') + 1, '/') && strlen(n) < 200) r = json_string(n);
+    json_decref(cfg);
+    return r;
+}
+
+/* the summary: what was converted and how, choices, bpw, accuracies, expert routing. The model card and the
+ * manifest (convert/card.c) are made from it; no path of the converting machine goes in. */
 static json_t *report_json(const struct conv *cv) {
     const struct mb_convert_params *p = cv->p;
     json_t *report = json_object();
     int64_t used = 0;
     for (int m = 0; m < cv->nmod; m++) used += cv->tab[m].bits[p->uniform ? 0 : cv->choice[m]];
-    json_object_set_new(report, "model", json_string(p->in));
-    json_object_set_new(report, "output", json_string(p->out));
+    json_object_set_new(report, "name", json_string(base_name(cv->m->dir)));
+    json_object_set_new(report, "model", json_string(base_name(cv->m->dir)));
+    json_object_set_new(report, "output", json_string(base_name(p->out)));
+    json_object_set_new(report, "base_model", base_model_json(cv));
+    char src[4400], *card = NULL;
+    size_t cl;
+    mb_path_join(src, sizeof src, cv->m->dir, "README.md");
+    if (mb_file_exists(src) && mb_read_file(src, &card, &cl, 16u << 20)) card = NULL;
+    char *lic = card_field(card, "license");
+    json_object_set_new(report, "license", lic ? json_string(lic) : json_null());
+    free(lic);
     json_object_set_new(report, "architecture", json_string(cv->c->arch_name));
     json_object_set_new(report, "target_bpw", json_real(p->bpw));
     json_object_set_new(report, "decoder_bpw", json_real((double)used / cv->decoder_numel));
     json_object_set_new(report, "head_bits", json_integer(p->head_bits));
-    json_object_set_new(report, "calibration", json_string(p->cal_name));
+    {
+        struct mb_qsetting q;
+        int64_t H = cv->c->hidden, V = cv->c->vocab;
+        double hb = H % 32 ? 16.0 : !mb_qsetting_parse(mb_head_option(p->head_bits), &q) ? (double)mb_qsetting_bits(&q, H, V, 0) / ((double)H * V) : 0;
+        json_object_set_new(report, "head_bpw", json_real(hb));
+    }
+    char dev[300];
+    if (cv->ops->device) {
+        char gname[256] = "";
+        mb_cuda_probe(gname, sizeof gname);
+        snprintf(dev, sizeof dev, "%s: %s", cv->ops->name, gname);
+    } else snprintf(dev, sizeof dev, "%s", cv->ops->name);
+    json_object_set_new(report, "device", json_string(dev));
+    json_object_set_new(report, "mixbit_version", json_string(MB_VERSION));
+    {
+        char d[32];
+        time_t now = time(NULL);
+        struct tm tmv;
+        gmtime_r(&now, &tmv);
+        strftime(d, sizeof d, "%Y-%m-%dT%H:%M:%SZ", &tmv);
+        json_object_set_new(report, "date", json_string(d));
+    }
+    json_t *cal = json_object();
+    json_object_set_new(cal, "name", json_string(cal_name(cv)));
+    json_object_set_new(cal, "rows", json_integer(cv->Rq));
+    json_object_set_new(cal, "length", json_integer(cv->L));
+    json_object_set_new(cal, "measurement_rows", json_integer(cv->Rm));
+    json_object_set_new(cal, "bos", json_boolean(cv->bos));
+    json_object_set_new(report, "calibration", cal);
     json_object_set_new(report, "rows", json_integer(cv->Rq));
     json_object_set_new(report, "measurement_rows", json_integer(cv->Rm));
     json_object_set_new(report, "length", json_integer(cv->L));
@@ -932,12 +1060,14 @@ static json_t *report_json(const struct conv *cv) {
         char mn[96];
         module_name(cv, m, mn, sizeof mn);
         json_t *o = json_object();
+        int row = p->uniform ? 0 : cv->choice[m];
         json_object_set_new(o, "module", json_string(mn));
-        json_object_set_new(o, "option", json_integer(cv->choice[m]));
+        json_object_set_new(o, "option", json_integer(row));
         int64_t numel = m % 2 == 0 ? 2 * cv->c->hidden * (cv->c->n_heads + cv->c->n_kv_heads) * cv->c->head_dim
                                    : 3 * cv->c->hidden * cv->c->ffn * (cv->c->n_experts ? cv->c->n_experts : 1);
-        json_object_set_new(o, "bpw", json_real((double)cv->tab[m].bits[p->uniform ? 0 : cv->choice[m]] / (double)numel));
-        json_object_set_new(o, "accuracy", json_real(ACC(cv, m, cv->choice[m])));
+        json_object_set_new(o, "bpw", json_real((double)cv->tab[m].bits[row] / (double)numel));
+        json_object_set_new(o, "accuracy", json_real(ACC(cv, m, row)));
+        json_object_set_new(o, "error", json_real(1.0 - ACC(cv, m, row)));
         json_array_append_new(ch, o);
     }
     json_object_set_new(report, "modules", ch);
@@ -951,6 +1081,8 @@ static json_t *report_json(const struct conv *cv) {
         json_object_set_new(report, "expert_tokens", et);
         json_object_set_new(report, "min_expert_tokens", json_integer(p->min_expert_tokens));
     }
+    json_object_set_new(report, "source_card", card ? json_stringn(card, strlen(card)) : json_null());
+    free(card);
     return report;
 }
 

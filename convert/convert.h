@@ -41,7 +41,7 @@ struct mb_convert_params {
     int head_bits;         /* 2, 3, 4, 5, 6 (default) or 8 */
     const char *cal;       /* calibration text (txt / jsonl / gz / directory) */
     const char *cal_field; /* jsonl field (default "text") */
-    const char *cal_name;  /* name recorded in config.json */
+    const char *cal_name;  /* name recorded in config.json and the card (default: the file's name, never a path) */
     int64_t rows, length, mrows; /* quantization rows, row length, measurement rows (0: defaults) */
     const char *eval;      /* held-out text for before/after (NULL: skip) */
     int64_t eval_ctx, eval_tokens;
@@ -57,6 +57,7 @@ struct mb_convert_params {
     double alloc_power;         /* allocation minimises sum of err^p (default 1) */
     int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
     const char *device;         /* "auto" (default: CUDA when a usable GPU is present), "cuda" or "cpu" */
+    const char *base_model;     /* the source repository id for the model card (default: config.json _name_or_path) */
 };
 void mb_convert_default_params(struct mb_convert_params *p);
 /* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */

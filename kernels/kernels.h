@@ -111,6 +111,13 @@ int mb_ops_cuda(const struct mb_ops **out);
  * / NULL (CUDA when a usable GPU is present, else the CPU) */
 int mb_ops_select(const char *device, const struct mb_ops **out);
 
+/* C [M, N] = alpha op(A) op(B) + beta C (row-major, cblas conventions; ta / tb: transpose A / B), in fixed tiles
+ * of at most 256 x 512 outputs, each computed by one single-threaded BLAS call, the tiles spread over the
+ * OpenMP threads. The same bits for any number of threads: OpenBLAS's own threading changes its blocking with
+ * the thread count (measured: sgemm and dpotrf give other bits on 1, 2 and 3 threads). */
+void mb_cpu_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                  float *C, int64_t ldc);
+
 /* Rows [r0, r1) of a host weight as f32 into out [(r1 - r0), w->k] (EXL2: dequantized, exact f32 products of
  * the values and the fp16 scales; padded input rows dropped). */
 int mb_weight_rows_f32(const struct mb_weight *w, int64_t r0, int64_t r1, float *out);

@@ -154,6 +154,29 @@ static int cpu_vector_load(float **out, const struct mb_weight *host) {
 /* ---------------------------------------------------------------------------------------------- */
 /* matmul                                                                                          */
 
+#define TM 256
+#define TN 512
+
+void mb_cpu_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                  float *C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    int64_t mt = (M + TM - 1) / TM, nt = (N + TN - 1) / TN;
+    /* OpenBLAS runs single-threaded inside a parallel region, and with one OpenMP thread outside it */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t i = 0; i < mt; i++)
+        for (int64_t j = 0; j < nt; j++) {
+            int64_t m0 = i * TM, n0 = j * TN, m = M - m0 < TM ? M - m0 : TM, n = N - n0 < TN ? N - n0 : TN;
+            const float *a = ta ? A + m0 : A + m0 * lda, *b = tb ? B + n0 * ldb : B + n0;
+            if (K == 0) {
+                for (int64_t r = 0; r < m; r++)
+                    for (int64_t c = 0; c < n; c++) C[(m0 + r) * ldc + n0 + c] *= beta;
+                continue;
+            }
+            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n, (blasint)K, alpha, a,
+                        (blasint)lda, b, (blasint)ldb, beta, C + m0 * ldc + n0, (blasint)ldc);
+        }
+}
+
 static float *g_tile;    /* TILE_FLOATS scratch, allocated on first use, kept for the process */
 
 /* y [M, N] (+)= x [M, K] @ W^T */
@@ -163,8 +186,7 @@ static int cpu_matmul(float *y, const float *x, const struct mb_weight *w, int64
     if (K == 0) { if (!accumulate) memset(y, 0, (size_t)(M * N) * sizeof *y); return 0; }
     if (w->device) return mb_fail(MB_EINVAL, "%s: weight is in device memory", w->name ? w->name : "weight");
     if (w->type == MB_W_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)M, (blasint)N, (blasint)K, 1.0f, x, (blasint)K, (const float *)w->data,
-                    (blasint)K, accumulate ? 1.0f : 0.0f, y, (blasint)N);
+        mb_cpu_sgemm(0, 1, M, N, K, 1.0f, x, K, (const float *)w->data, K, accumulate ? 1.0f : 0.0f, y, N);
         return 0;
     }
     if (K > TILE_FLOATS) return mb_fail(MB_ERANGE, "%s: %lld inputs exceed the CPU tile (%d)", w->name ? w->name : "weight", (long long)K, TILE_FLOATS);
@@ -178,8 +200,7 @@ static int cpu_matmul(float *y, const float *x, const struct mb_weight *w, int64
         int64_t n1 = n0 + nb < N ? n0 + nb : N;
         if (w->type == MB_W_EXL2) exl2_rows(&w->q, &p, n0, n1, g_tile);
         else float_rows(w, n0, n1, g_tile);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)M, (blasint)(n1 - n0), (blasint)K, 1.0f, x, (blasint)K, g_tile, (blasint)K,
-                    accumulate ? 1.0f : 0.0f, y + n0, (blasint)N);
+        mb_cpu_sgemm(0, 1, M, n1 - n0, K, 1.0f, x, K, g_tile, K, accumulate ? 1.0f : 0.0f, y + n0, N);
     }
     exl2_prep_free(&p);
     return 0;

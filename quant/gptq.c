@@ -197,6 +197,10 @@ int mb_gptq_prepare(const struct mb_hessian *h, const struct mb_gptq_params *p, 
     if (!A) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", name); goto fail; }
     int ok = 0, n = (int)Kp, info = 0;
     double damp = 0;
+    /* the factorization runs on one thread: OpenBLAS's threaded dpotrf blocks differently on 1, 2 and 3
+     * threads, and the conversion must give the same bits on any machine */
+    int nthreads = openblas_get_num_threads();
+    openblas_set_num_threads(1);
     for (int t = 0; t < (p->max_damp_tries > 0 ? p->max_damp_tries : 1) && !ok; t++) {
         damp += p->damp * mean;
         memcpy(A, H, (size_t)(Kp * Kp) * sizeof *A);
@@ -212,6 +216,7 @@ int mb_gptq_prepare(const struct mb_hessian *h, const struct mb_gptq_params *p, 
         if (info) continue;
         ok = 1;
     }
+    openblas_set_num_threads(nthreads);
     if (!ok) { free(A); rc = mb_fail(MB_ENUMERIC, "%s: Hessian not positive definite after %d damping steps (damp %.3g)", name, p->max_damp_tries, damp); goto fail; }
     out->damp_used = damp / mean;
     free(H); /* peak memory: two Kp x Kp f64 matrices, then A and U */
@@ -306,8 +311,7 @@ int mb_gptq_run(const struct mb_weight *wv, const struct mb_gptq_prep *pr, const
         }
         /* lazy batch: rows after the group, W[r1:] -= U[r0:r1, r1:]^T @ E */
         if (!pr->rtn && r1 < Kp)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)(Kp - r1), (blasint)N, (blasint)R, -1.0f, U + r0 * Kp + r1, (blasint)Kp,
-                        err, (blasint)N, 1.0f, wt + r1 * N, (blasint)N);
+            mb_cpu_sgemm(1, 0, Kp - r1, N, R, -1.0f, U + r0 * Kp + r1, Kp, err, N, 1.0f, wt + r1 * N, N);
         r0 = r1;
     }
     /* fake-quantized weights, original order */

@@ -67,9 +67,13 @@ struct mb_module_table {
     int experts;                                   /* 1, or the experts of a MoE block */
     const char *setting[MB_MODULE_OPTIONS_MAX][4]; /* static strings */
     int64_t bits[MB_MODULE_OPTIONS_MAX];           /* exact storage bits of the whole module */
+    int f16[4];                                    /* projection kept unquantized (F16 .weight): K % 32 != 0 */
 };
 /* The option table of module m: the reference converter's rows, plus MB_EXTRA_SETTING when extra; or one row
- * with `uniform` for every projection when uniform != NULL (a copy is not kept: the string must outlive t). */
+ * with `uniform` for every projection when uniform != NULL (a copy is not kept: the string must outlive t).
+ * Rows are in increasing total bits (stable), as the reference converter's optimizer assumes. A projection
+ * whose input size is not a multiple of 32 cannot be EXL2 (the runtime's kernels walk 32 rows at a time):
+ * it is kept as F16 and counted at 16 bits per weight in every row. */
 int mb_module_table(const struct mb_config *c, int m, int extra, const char *uniform, struct mb_module_table *t);
 /* Weight shape of projection p: N outputs, K inputs */
 void mb_proj_shape(const struct mb_config *c, int p, int64_t *N, int64_t *K);

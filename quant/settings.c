@@ -205,6 +205,11 @@ int mb_module_table(const struct mb_config *c, int m, int extra, const char *uni
             t->n++;
         }
     }
+    for (int i = 0; i < t->nproj; i++) {
+        int64_t N, K;
+        mb_proj_shape(c, t->proj[i], &N, &K);
+        t->f16[i] = K % 32 != 0;
+    }
     for (int r = 0; r < t->n; r++) {
         int64_t total = 0;
         for (int i = 0; i < t->nproj; i++) {
@@ -213,11 +218,24 @@ int mb_module_table(const struct mb_config *c, int m, int extra, const char *uni
             if (rc) return rc;
             int64_t N, K;
             mb_proj_shape(c, t->proj[i], &N, &K);
-            int64_t b = mb_qsetting_bits(&q, K, N, 0);
+            int64_t b = t->f16[i] ? 16 * N * K : mb_qsetting_bits(&q, K, N, 0);
             if (b < 0) return mb_fail(MB_EINVAL, "setting %s does not fit a %lld x %lld layer", t->setting[r][i], (long long)N, (long long)K);
             total += (int64_t)t->experts * b;
         }
         t->bits[r] = total;
+    }
+    /* increasing cost, stable (insertion sort of at most 20 rows) */
+    for (int r = 1; r < t->n; r++) {
+        int64_t b = t->bits[r];
+        const char *row[4];
+        memcpy(row, t->setting[r], sizeof row);
+        int j = r - 1;
+        for (; j >= 0 && t->bits[j] > b; j--) {
+            t->bits[j + 1] = t->bits[j];
+            memcpy(t->setting[j + 1], t->setting[j], sizeof row);
+        }
+        t->bits[j + 1] = b;
+        memcpy(t->setting[j + 1], row, sizeof row);
     }
     return 0;
 }

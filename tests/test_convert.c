@@ -69,10 +69,20 @@ static void check_layers(const char *src, const char *out) {
     for (int i = 0; i < q->n_ex; i++) {
         const struct mb_expect *e = &q->ex[i];
         if (e->kind != MB_T_LINEAR) continue;
+        char nm[200];
+        if (e->cols % 32) { /* input size not a multiple of 32: kept F16, never padded EXL2 (ExLlamaV2 would refuse it) */
+            snprintf(nm, sizeof nm, "%s.q_weight", e->name);
+            CHECK_MSG(!mb_st_find(q->st, nm), "%s is EXL2 with K = %lld", e->name, (long long)e->cols);
+            snprintf(nm, sizeof nm, "%s.weight", e->name);
+            const struct mb_tensor_info *t = mb_st_find(q->st, nm);
+            CHECK_MSG(t && t->dtype == MB_F16, "%s: no F16 weight", e->name);
+            continue;
+        }
         struct mb_exl2_layer L;
         int rc = mb_exl2_from_set(q->st, e->name, e->rows, e->cols, &L);
         CHECK_MSG(rc == 0, "%s: %s", e->name, mb_errmsg());
         if (rc) continue;
+        CHECK_EQ(L.Kp, L.K); /* no padding rows */
         nq++;
         float *w0 = malloc(e->rows * e->cols * sizeof *w0), *w1 = malloc(e->rows * e->cols * sizeof *w1);
         struct mb_weight v0;
@@ -98,13 +108,15 @@ static void test_convert_models(void) {
         char cmd[2048], out[512], err[8192], src[512];
         snprintf(src, sizeof src, "%s/models/%s", th_shared(), models[i]);
         snprintf(out, sizeof out, "%s/%s-3.5", tmpdir, models[i]);
-        snprintf(cmd, sizeof cmd, "%s convert %s %s --bpw 3.5 --cal %s/text/tinystories-sample.txt --eval %s/text/tinystories-sample.txt " SMALL,
+        /* stories260K's down_proj has 172 inputs: kept F16 (16 bits in the budget), so the reachable range starts
+         * near 5.9 bpw (6.7 for the MoE copy) */
+        snprintf(cmd, sizeof cmd, "%s convert %s %s --bpw 7 --cal %s/text/tinystories-sample.txt --eval %s/text/tinystories-sample.txt " SMALL,
                  mixbit(), src, out, th_shared(), th_shared());
         int ec = run(cmd, err, sizeof err);
         CHECK_MSG(ec == 0, "%s: exit %d: %s", models[i], ec, err);
         if (ec) continue;
         double bpw = report_num(out, "decoder_bpw");
-        CHECK_MSG(fabs(bpw - 3.5) <= 0.02, "%s: decoder bpw %.4f", models[i], bpw);
+        CHECK_MSG(fabs(bpw - 7) <= 0.02, "%s: decoder bpw %.4f", models[i], bpw);
         char p[600];
         snprintf(p, sizeof p, "%s.partial", out);
         CHECK(!mb_is_dir(p));
@@ -116,7 +128,7 @@ static void test_convert_models(void) {
         check_layers(src, out);
         double before = report_num(out, "ppl_before"), after = report_num(out, "ppl_after");
         CHECK(before > 1 && after > 1);
-        fprintf(stderr, "  %s at 3.5 bpw: decoder %.4f bpw, ppl %.3f -> %.3f\n", models[i], bpw, before, after);
+        fprintf(stderr, "  %s at 7 bpw: decoder %.4f bpw, ppl %.3f -> %.3f\n", models[i], bpw, before, after);
         /* the output evaluates with mixbit ppl and shows up in inspect */
         snprintf(cmd, sizeof cmd, "%s ppl %s --text %s/text/tinystories-sample.txt --ctx 128 -q", mixbit(), out, th_shared());
         CHECK_EQ(run(cmd, err, sizeof err), 0);
@@ -138,7 +150,7 @@ static void test_kill_resume(void) {
     char src[512], ref[512], out[512], cmd[2048], err[8192], a[700], b[700];
     snprintf(src, sizeof src, "%s/models/stories260K-moe4", th_shared());
     snprintf(ref, sizeof ref, "%s/ref", tmpdir);
-    const char *common = "--bpw 4.5 --no-eval --checkpoint-interval 0 " SMALL;
+    const char *common = "--bpw 7 --no-eval --checkpoint-interval 0 " SMALL;
     snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt %s", mixbit(), src, ref, th_shared(), common);
     CHECK_EQ(run(cmd, err, sizeof err), 0);
     /* the last two keep the hidden states in memory-mapped files (--max-memory below their size) */
@@ -165,17 +177,17 @@ static void test_kill_resume(void) {
     snprintf(out, sizeof out, "%s/pending", tmpdir);
     snprintf(cmd, sizeof cmd, "MB_TEST_KILL=quant:0 %s convert %s %s --cal %s/text/tinystories-sample.txt %s", mixbit(), src, out, th_shared(), common);
     CHECK_EQ(run(cmd, err, sizeof err), 137);
-    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 5 --no-eval " SMALL, mixbit(), src, out, th_shared());
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 7.5 --no-eval " SMALL, mixbit(), src, out, th_shared());
     CHECK_EQ(run(cmd, err, sizeof err), 1);
     CHECK(strstr(err, "other options") != NULL);
     /* measurement reuse: another target from the same measurement.json, no measurement pass */
     snprintf(out, sizeof out, "%s/reuse", tmpdir);
-    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 5.5 --no-eval --measurement %s/measurement.json " SMALL " -v",
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 8 --no-eval --measurement %s/measurement.json " SMALL " -v",
              mixbit(), src, out, th_shared(), ref);
     CHECK_EQ(run(cmd, err, sizeof err), 0);
     CHECK(strstr(err, "measuring") == NULL);
     double bpw = report_num(out, "decoder_bpw");
-    CHECK_MSG(fabs(bpw - 5.5) <= 0.02, "reuse: %.4f", bpw);
+    CHECK_MSG(fabs(bpw - 8) <= 0.02, "reuse: %.4f", bpw);
 }
 
 static void test_failures(void) {
@@ -209,7 +221,7 @@ static void test_failures(void) {
     CHECK(!mb_is_dir(out) && !mb_is_dir(p));
     /* full disk, simulated with a file size limit: a clear error and nothing under the final name */
     snprintf(out, sizeof out, "%s/o3", tmpdir);
-    snprintf(cmd, sizeof cmd, "ulimit -f 200; %s convert %s/models/stories260K %s --bpw 4 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(),
+    snprintf(cmd, sizeof cmd, "ulimit -f 200; %s convert %s/models/stories260K %s --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(),
              out, th_shared());
     int ec = run(cmd, err, sizeof err);
     CHECK_EQ(ec, 1);
@@ -221,15 +233,18 @@ static void test_failures(void) {
     CHECK(strstr(err, "already exists") != NULL);
 }
 
-/* the same conversion on 1, 2 and 4 threads: byte-identical tensors and measurement */
+/* the same conversion on 1, 2 and 3 threads: byte-identical tensors and measurement. kjv-llama (inputs of 256
+ * and 768: OpenBLAS's threaded sgemm and dpotrf give other bits on 1, 2 and 3 threads at these sizes); under
+ * the sanitizers the small MoE copy of stories260K */
 static void test_thread_determinism(void) {
     char src[512], out[3][512], cmd[4096], err[8192], a[700], b[700];
-    snprintf(src, sizeof src, "%s/models/stories260K-moe4", th_shared());
-    const int threads[3] = {1, 2, 4};
+    int asan = getenv("MB_ASAN") != NULL;
+    snprintf(src, sizeof src, "%s/models/%s", th_shared(), asan ? "stories260K-moe4" : "kjv-llama");
+    const int threads[3] = {1, 2, 3};
     for (int k = 0; k < 3; k++) {
         snprintf(out[k], sizeof out[k], "%s/threads%d", tmpdir, threads[k]);
-        snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=%d %s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 4 --no-eval " SMALL, threads[k], mixbit(), src,
-                 out[k], th_shared());
+        snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=%d %s convert %s %s --cal %s/text/%s --bpw %s --no-eval --rows 6 --measure-rows 3 --length 128 -q", threads[k],
+                 mixbit(), src, out[k], th_shared(), asan ? "tinystories-sample.txt" : "calib-kjv-jargon.txt", asan ? "7" : "4");
         int ec = run(cmd, err, sizeof err);
         CHECK_MSG(ec == 0, "%d threads: exit %d: %s", threads[k], ec, err);
     }

@@ -1,6 +1,8 @@
 /* tests/test_quant.c: option tables and their bpw, EXL2 golden vectors (pack byte for byte, unpack
  * exactly), GPTQ round trip through safetensors, GPTQ vs round-to-nearest on kjv-llama with real
  * Hessians, damping failure. */
+#include <cblas.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include "../calib/calib.h"
@@ -303,7 +305,50 @@ static void test_exl2_validation(void) {
     CHECK_EQ(mb_exl2_validate(&L, "bad.rows"), MB_EFORMAT);
 }
 
+/* GPTQ gives the same bits on 1, 2 and 3 threads (OpenBLAS's threaded dpotrf and sgemm do not: measured) */
+static void test_gptq_threads(void) {
+    const int64_t K = 768, N = 600, M = 2048;
+    float *w;
+    struct mb_hessian h;
+    random_layer(N, K, M, 77, &w, &h);
+    struct mb_weight wv = mb_weight_view_f32(w, N, K, "t");
+    struct mb_qsetting q;
+    mb_qsetting_parse("0.05:8b_32g/0.1:4b_128g/0.85:3b_128g", &q);
+    struct mb_gptq_params gp;
+    mb_gptq_default_params(&gp);
+    int saved = omp_get_max_threads();
+    struct mb_gptq_prep pr[3];
+    struct mb_qresult r[3];
+    for (int t = 0; t < 3; t++) {
+        openblas_set_num_threads(t + 1); /* sets the OpenMP threads too */
+        CHECK_EQ(mb_gptq_prepare(&h, &gp, &pr[t]), 0);
+        CHECK_EQ(mb_gptq_run(&wv, &pr[t], &q, &gp, &r[t]), 0);
+    }
+    openblas_set_num_threads(saved);
+    for (int t = 1; t < 3; t++) {
+        CHECK_MSG(!memcmp(pr[0].U, pr[t].U, (size_t)(K * K) * 4), "U differs between 1 and %d threads", t + 1);
+        CHECK_MSG(!memcmp(r[0].q, r[t].q, (size_t)(K * N)) && !memcmp(r[0].scale_max, r[t].scale_max, (size_t)r[0].G * 2), "values differ between 1 and %d threads", t + 1);
+    }
+    /* the tiled product itself, at a size where OpenBLAS's threaded sgemm gives other bits on 1, 2 and 3
+     * threads (1000 x 1000 x 1000, measured with OpenBLAS 0.3.21) */
+    const int64_t S = 1000;
+    float *a = malloc(S * S * 4), *b = malloc(S * S * 4), *c[3];
+    struct mb_rng g = {5};
+    for (int64_t i = 0; i < S * S; i++) { a[i] = mb_rng_normal(&g); b[i] = mb_rng_normal(&g); }
+    for (int t = 0; t < 3; t++) {
+        c[t] = malloc(S * S * 4);
+        openblas_set_num_threads(t + 1); /* sets the OpenMP threads too */
+        mb_cpu_sgemm(0, 0, S, S, S, 1.0f, a, S, b, S, 0.0f, c[t], S);
+    }
+    openblas_set_num_threads(saved);
+    CHECK_MSG(!memcmp(c[0], c[1], S * S * 4) && !memcmp(c[0], c[2], S * S * 4), "the tiled product depends on the thread count");
+    for (int t = 0; t < 3; t++) { mb_gptq_prep_free(&pr[t]); mb_qresult_free(&r[t]); free(c[t]); }
+    free(a); free(b); free(w);
+    mb_hessian_free(&h);
+}
+
 int main(void) {
+    RUN(test_gptq_threads);
     RUN(test_table_bpw);
     RUN(test_goldens);
     RUN(test_exl2_validation);
