@@ -166,10 +166,11 @@ static int parse_option(const struct ctx *c0, json_t *o, struct mb_meas_option *
         if (k < 0) return FAILP(&c, "unknown key \"%.64s\" (projections: q_proj .. o_proj, gate_proj, up_proj, down_proj, w1, w3, w2)", key);
         seen |= BIT(k);
     }
+    int np = __builtin_popcount(seen);
+    if (np > MB_MEAS_MAX_PROJ) return FAILP(&c, "has %d projections, more than a module has (%d)", np, MB_MEAS_MAX_PROJ);
     /* stored in the fixed order of proj_keys */
     for (int k = 0; k < N_PROJ_KEYS; k++) {
         if (!(seen & BIT(k))) continue;
-        if (op->n_proj == MB_MEAS_MAX_PROJ) return FAILP(&c, "more than %d projections", MB_MEAS_MAX_PROJ);
         int i = op->n_proj++;
         c.proj = proj_keys[k];
         snprintf(op->proj[i], sizeof op->proj[i], "%s", proj_keys[k]);
@@ -233,7 +234,7 @@ int mb_measurement_parse(const char *name, const char *text, size_t len, struct 
             if ((rc = parse_option(&c, json_array_get(arr, i), &mod->opts[i], &ks))) goto fail;
             if (i == 0) {
                 first = ks;
-                if (ks != want[0] && ks != want[1]) {
+                if (ks != want[0] && (!want[1] || ks != want[1])) { /* an option with no projection matches nothing */
                     rc = FAILP(&c, "projections do not match the module kind (%s)", want[0] == SET_ATTN ? "q_proj, k_proj, v_proj, o_proj" : want[0] == SET_MOE ? "w1, w3, w2" : "gate_proj, up_proj, down_proj");
                     goto fail;
                 }
