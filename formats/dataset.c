@@ -189,8 +189,11 @@ int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *fi
                   uint64_t seed, int32_t **out) {
     *out = NULL;
     if (rows <= 0 || length < 2) return mb_fail(MB_EINVAL, "calibration rows x length must be positive (got %lld x %lld)", (long long)rows, (long long)length);
+    size_t bytes; /* checked before any reading */
+    int rc = mb_size_mul(&bytes, MB_CALIB_MAX_TOKENS * sizeof(int32_t), "calibration rows x length x 4 bytes", rows, length, sizeof(int32_t));
+    if (rc) return rc;
     struct join j = {0};
-    int rc = mb_dataset_read(path, field, join_cb, &j);
+    rc = mb_dataset_read(path, field, join_cb, &j);
     if (rc) { free(j.p); return rc; }
     int32_t *ids = NULL;
     int64_t n = 0, cap = 0;
@@ -202,8 +205,6 @@ int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *fi
         free(ids);
         return mb_fail(MB_EINVAL, "%s: %lld tokens of calibration text, fewer than one row of %lld", path, (long long)n, (long long)length);
     }
-    size_t bytes;
-    if ((rc = mb_size_mul(&bytes, MB_CALIB_MAX_TOKENS * sizeof(int32_t), "calibration rows x length x 4 bytes", rows, length, sizeof(int32_t)))) { free(ids); return rc; }
     int32_t *r = malloc(bytes);
     if (!r) { free(ids); return mb_fail(MB_ENOMEM, "out of memory for %lld x %lld calibration tokens", (long long)rows, (long long)length); }
     /* stratified: row i starts at a random offset inside its share of the stream, so rows overlap only
