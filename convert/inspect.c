@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../formats/formats.h"
 #include "../quant/quant.h"
@@ -28,7 +29,7 @@ int mb_inspect(const struct mb_inspect_params *p) {
     int have_cfg = 0;
     if (mb_is_dir(p->path)) {
         if ((rc = mb_path_join(cfgp, sizeof cfgp, p->path, "config.json"))) return rc;
-        have_cfg = mb_file_exists(cfgp);
+        have_cfg = access(cfgp, F_OK) == 0; /* any entry: a FIFO or directory named config.json is refused, not ignored */
     }
     if (have_cfg) {
         if ((rc = mb_model_open(p->path, &m))) return rc;

@@ -618,6 +618,16 @@ static void test_model_paths(void) {
     alarm(0);
     CHECK_MSG(strstr(mb_errmsg(), f) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
     CHECK(m == NULL);
+    /* inspect on that directory: refused naming the FIFO (not ignored as a missing config) */
+    char cmd[1024], err[4096];
+    float z[4] = {0};
+    struct mb_st_entry e = {"a", MB_F32, 1, {4}, z};
+    char st[760];
+    snprintf(st, sizeof st, "%s/model.safetensors", p);
+    CHECK_EQ(mb_st_write(st, &e, 1, NULL, 0), 0);
+    snprintf(cmd, sizeof cmd, "timeout 20 %s inspect %s", mixbit(), p);
+    CHECK_EQ(run_cmd(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "config.json") && strstr(err, "FIFO"), "%s", err);
 }
 
 /* ---- safetensors sets: duplicates across shards, non-regular files ---- */
