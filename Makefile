@@ -8,6 +8,8 @@
 #   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
 #   make bench-gpu    on a GPU machine: GPU tests, compute-sanitizer and the kernel benchmark in one go
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
+#   make fuzz-config  libFuzzer target for the config.json parser, seeded with ../shared's configs
+#   make fuzz-measurement  libFuzzer target for the measurement.json reader
 #   make bench        build the benchmarks in bench/
 #   make clean
 
@@ -47,7 +49,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c) bench/synth_model.c
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu fuzz bench clean
+.PHONY: all test check asan gpu-test bench-gpu fuzz fuzz-config fuzz-measurement bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -109,6 +111,19 @@ fuzz:
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_safetensors \
 		tests/fuzz_safetensors.c formats/safetensors.c core/core.c -ljansson -lm
 	./fuzz/fuzz_safetensors -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus
+
+FUZZ_CC = clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -D_GNU_SOURCE -std=c11 -I.
+fuzz-config:
+	@mkdir -p fuzz/corpus-config
+	for m in ../shared/models/*/config.json; do [ -f "$$m" ] && cp -n "$$m" fuzz/corpus-config/seed-$$(basename $$(dirname "$$m")).json; done; true
+	$(FUZZ_CC) -o fuzz/fuzz_config tests/fuzz_config.c formats/model.c formats/safetensors.c core/core.c -ljansson -lm
+	./fuzz/fuzz_config -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -rss_limit_mb=2048 -malloc_limit_mb=512 -dict=tests/fuzz-seeds/config.dict fuzz/corpus-config
+
+fuzz-measurement:
+	@mkdir -p fuzz/corpus-measurement
+	cp -n tests/fuzz-seeds/measurement-*.json fuzz/corpus-measurement/
+	$(FUZZ_CC) -o fuzz/fuzz_measurement tests/fuzz_measurement.c quant/measurement.c quant/settings.c formats/exl2.c formats/safetensors.c core/core.c -ljansson -lm
+	./fuzz/fuzz_measurement -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -rss_limit_mb=2048 -malloc_limit_mb=512 -dict=tests/fuzz-seeds/measurement.dict fuzz/corpus-measurement
 
 bench: $(BENCH_BIN)
 

@@ -21,8 +21,9 @@ int mb_states_open(struct mb_states *s, const struct mb_ops *ops, int64_t R, int
     s->H = H;
     s->ops = ops;
     size_t bytes;
-    if (R <= 0 || L <= 0 || !mb_mul_ok((size_t)(R * L), (size_t)H * sizeof(float), &bytes))
-        return mb_fail(MB_ERANGE, "hidden states of %lld x %lld tokens x %lld features do not fit in memory", (long long)R, (long long)L, (long long)H);
+    int rc;
+    if (R <= 0 || L <= 0) return mb_fail(MB_ERANGE, "hidden states of %lld x %lld tokens", (long long)R, (long long)L);
+    if ((rc = mb_size_mul(&bytes, MB_SIZE_LIMIT, "hidden states", R, L, H, sizeof(float)))) return rc;
     s->mapped = where == 1;
     s->on_backend = where == 2 || !ops->device;
     for (int k = 0; k < 2; k++) {
@@ -85,9 +86,11 @@ int mb_states_save(struct mb_states *s, const char *path) {
 int mb_states_load(struct mb_states *s, const char *path) {
     size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
     if (s->mapped) return 0; /* the files are the states */
-    FILE *f = fopen(path, "rb");
-    if (!f) return mb_fail(MB_EIO, "%s: missing checkpoint of the hidden states", path);
-    int rc = 0;
+    FILE *f;
+    size_t fsz;
+    int rc = mb_fopen_regular(path, &f, &fsz);
+    if (rc) return mb_fail_ctx(rc, "checkpoint of the hidden states");
+    if (fsz != bytes) { fclose(f); return mb_fail(MB_EFORMAT, "%s: truncated checkpoint (%zu of %zu bytes)", path, fsz, bytes); }
     if (!s->ops->device || !s->on_backend) {
         if (fread(s->buf[s->cur], 1, bytes, f) != bytes) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
     } else {

@@ -311,12 +311,16 @@ static int ppl_begin(struct ppl_state *st, const struct mb_model *m, uint64_t to
     if (p->stride < 0 || p->stride > p->ctx) return mb_fail(MB_EINVAL, "stride %lld outside 1..ctx", (long long)p->stride);
     if (p->bos && (p->bos_id < 0 || p->bos_id >= c->vocab)) return mb_fail(MB_EINVAL, "BOS id %d outside the model's vocabulary (%lld)", p->bos_id, (long long)c->vocab);
     st->rows = p->batch_tokens > p->ctx ? p->batch_tokens / p->ctx * p->ctx : p->ctx;
+    size_t lb;
+    int rc;
+    if ((rc = mb_size_mul(&lb, MB_SIZE_LIMIT, "perplexity batch", st->rows, c->hidden > c->ffn ? c->hidden : c->ffn, sizeof(float))) ||
+        (rc = mb_size_mul(&lb, MB_SIZE_LIMIT, "logits", 256, c->vocab, sizeof(float))))
+        return rc;
     st->H = c->hidden;
     st->V = c->vocab;
     st->head_rows = 256;
     st->K = p->topk;
     st->srecsz = (size_t)8 * st->K + 4;
-    int rc;
     if ((rc = mb_fwd_init(&st->f, m, st->ops, st->rows, p->ctx))) return rc;
     /* k columns per row: top-k (saving) or the reference's k (KLD), at most 4096 */
     const struct mb_ops *o = st->ops;
@@ -352,8 +356,8 @@ static int ppl_begin(struct ppl_state *st, const struct mb_model *m, uint64_t to
         if ((rc = write_header(st))) return rc; /* placeholder, rewritten at the end */
     }
     if (p->kld) {
-        st->kf = fopen(p->kld, "rb");
-        if (!st->kf) return mb_fail(MB_EIO, "%s: cannot open", p->kld);
+        size_t ksize;
+        if ((rc = mb_fopen_regular(p->kld, &st->kf, &ksize))) return rc;
         uint8_t h[LP_HEADER];
         if (fread(h, 1, LP_HEADER, st->kf) != LP_HEADER || memcmp(h, LP_MAGIC, 8)) return mb_fail(MB_EFORMAT, "%s: not a mixbit log-probability file", p->kld);
         st->kref = (int)get32(h + 8);

@@ -1,5 +1,5 @@
 /* cli/main.c: `mixbit <command> [options]`. Argument parsing only; the work is in convert/.
- * Exit codes: 0 success, 1 bad input or failure, 2 bad usage. */
+ * Exit codes: 0 success, 1 bad input or failure, 2 bad usage (see args.h for which is which). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +9,16 @@
 
 #include "../convert/convert.h"
 #include "../kernels/kernels.h"
+#include "../quant/quant.h"
 #include "args.h"
+
+/* Upper bounds of numeric options (documented in each --help): contexts and row lengths up to 2^20
+ * tokens, calibration token counts up to 2^31 (rows x length, the sizes downstream stay inside int32
+ * indexing and a sane allocation). */
+#define MB_CLI_MAX_CTX 1048576
+/* option tables give a range (min, max, flags) only where it applies; the others are zero */
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#define MB_CLI_MAX_TOKENS 2147483648LL
 
 static int finish(int rc) {
     if (rc == 0) return 0;
@@ -71,12 +80,12 @@ static int cmd_ppl(int argc, char **argv) {
     const struct mb_opt opts[] = {
         {"text", MB_OPT_STR, &p.text, "FILE", "text to evaluate (.txt or .gz), tokenized whole with BOS first (required)"},
         {"convention", MB_OPT_STR, &p.convention, "NAME", "paper (default: windows of ctx, all positions scored) or llamacpp"},
-        {"ctx", MB_OPT_INT, &p.ctx, "N", "context / chunk length (default 2048 paper, 512 llamacpp)"},
-        {"stride", MB_OPT_INT, &p.stride, "N", "paper: window stride < ctx, scoring only new tokens"},
-        {"max-tokens", MB_OPT_INT, &p.max_tokens, "N", "evaluate only the first N tokens of the stream"},
-        {"batch-tokens", MB_OPT_INT, &p.batch_tokens, "N", "rows per forward batch (default 4096)"},
+        {"ctx", MB_OPT_INT, &p.ctx, "N", "context / chunk length (default 2048 paper, 512 llamacpp)", 2, MB_CLI_MAX_CTX},
+        {"stride", MB_OPT_INT, &p.stride, "N", "paper: window stride < ctx, scoring only new tokens", 1, MB_CLI_MAX_CTX},
+        {"max-tokens", MB_OPT_INT, &p.max_tokens, "N", "evaluate only the first N tokens of the stream", 1, 1099511627776.0},
+        {"batch-tokens", MB_OPT_INT, &p.batch_tokens, "N", "rows per forward batch (default 4096)", 1, 16777216},
         {"save-logprobs", MB_OPT_STR, &p.save_logprobs, "FILE", "store top-k log-probabilities per scored position"},
-        {"topk", MB_OPT_INT, &p.topk, "K", "k for --save-logprobs (default 32)"},
+        {"topk", MB_OPT_INT, &p.topk, "K", "k for --save-logprobs (default 32)", 1, 4096},
         {"kld", MB_OPT_STR, &p.kld, "FILE", "report KL divergence against a --save-logprobs file"},
         {"json", MB_OPT_FLAG, &p.json, NULL, "print JSON"},
         {0},
@@ -89,7 +98,8 @@ static int cmd_ppl(int argc, char **argv) {
     const char *pos[1];
     int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
     if (r) return r == 1 ? 0 : 2;
-    if (!p.text) { fprintf(stderr, "mixbit ppl: --text is required\n"); return 2; }
+    if (!p.text) return mb_args_usage_error(&spec, "--text is required");
+    if (p.stride && p.ctx && p.stride >= p.ctx) return mb_args_usage_error(&spec, "--stride %lld must be smaller than --ctx %lld", (long long)p.stride, (long long)p.ctx);
     p.model = pos[0];
     return finish(mb_ppl_cmd(&p));
 }
@@ -121,27 +131,27 @@ static int cmd_convert(int argc, char **argv) {
     int64_t head_bits = p.head_bits, seed = (int64_t)p.seed;
     double ckpt = p.checkpoint_interval;
     const struct mb_opt opts[] = {
-        {"bpw", MB_OPT_DOUBLE, &p.bpw, "B", "target bits per weight of the decoder linears (default 3.5)"},
+        {"bpw", MB_OPT_DOUBLE, &p.bpw, "B", "target bits per weight of the decoder linears (default 3.5)", 0, 16, MB_OPT_OPEN_MIN},
         {"head-bits", MB_OPT_INT, &head_bits, "N", "bits of the output head: 2, 3, 4, 5, 6 (default) or 8"},
         {"cal", MB_OPT_STR, &p.cal, "FILE", "calibration text: .txt / .jsonl / .gz or a directory (default: demo/calib.txt)"},
         {"field", MB_OPT_STR, &p.cal_field, "NAME", "jsonl field holding the text (default text)"},
-        {"rows", MB_OPT_INT, &p.rows, "N", "calibration rows for quantization (default 100)"},
-        {"measure-rows", MB_OPT_INT, &p.mrows, "N", "calibration rows for measurement (default 16)"},
-        {"length", MB_OPT_INT, &p.length, "N", "tokens per row (default min(2048, max_position_embeddings))"},
+        {"rows", MB_OPT_INT, &p.rows, "N", "calibration rows for quantization (default 100)", 1, MB_CLI_MAX_TOKENS},
+        {"measure-rows", MB_OPT_INT, &p.mrows, "N", "calibration rows for measurement (default 16)", 1, MB_CLI_MAX_TOKENS},
+        {"length", MB_OPT_INT, &p.length, "N", "tokens per row (default min(2048, max_position_embeddings))", 2, MB_CLI_MAX_CTX},
         {"measurement", MB_OPT_STR, &p.measurement, "FILE", "reuse a measurement.json and skip the measurement pass"},
         {"eval", MB_OPT_STR, &p.eval, "FILE", "held-out text for perplexity before/after (default: demo/eval.txt)"},
-        {"eval-ctx", MB_OPT_INT, &p.eval_ctx, "N", "context for the before/after perplexity (default min(2048, max positions))"},
+        {"eval-ctx", MB_OPT_INT, &p.eval_ctx, "N", "context for the before/after perplexity (default min(2048, max positions))", 2, MB_CLI_MAX_CTX},
         {"no-eval", MB_OPT_FLAG, &no_eval, NULL, "skip the before/after evaluation"},
-        {"shard-size", MB_OPT_INT, &p.shard_mb, "MB", "maximum shard size (default 8192)"},
-        {"max-memory", MB_OPT_DOUBLE, &p.max_memory_mb, "MB", "hidden states above this spill to disk (default: no limit)"},
-        {"min-expert-tokens", MB_OPT_INT, &p.min_expert_tokens, "N", "MoE: calibration rows guaranteed to every expert (default 5% / experts)"},
-        {"checkpoint-interval", MB_OPT_DOUBLE, &ckpt, "SEC", "seconds between checkpoints inside the passes (default 60, 0: every module)"},
-        {"fail-ppl-ratio", MB_OPT_DOUBLE, &p.fail_ppl_ratio, "X", "fail when perplexity after / before exceeds X (default 10, 0: never)"},
-        {"seed", MB_OPT_INT, &seed, "N", "seed for calibration sampling (default 1)"},
+        {"shard-size", MB_OPT_INT, &p.shard_mb, "MB", "maximum shard size (default 8192)", 1, 1048576},
+        {"max-memory", MB_OPT_DOUBLE, &p.max_memory_mb, "MB", "hidden states above this spill to disk (default 0: no limit)", 0, 1e12},
+        {"min-expert-tokens", MB_OPT_INT, &p.min_expert_tokens, "N", "MoE: calibration rows guaranteed to every expert (default 0: 5% / experts)", 0, MB_CLI_MAX_TOKENS},
+        {"checkpoint-interval", MB_OPT_DOUBLE, &ckpt, "SEC", "seconds between checkpoints inside the passes (default 60, 0: every module)", 0, 1e7},
+        {"fail-ppl-ratio", MB_OPT_DOUBLE, &p.fail_ppl_ratio, "X", "fail when perplexity after / before exceeds X (default 10, 0: never)", 0, 1e12},
+        {"seed", MB_OPT_INT, &seed, "N", "seed for calibration sampling (default 1)", 0, 1e18},
         {"uniform", MB_OPT_STR, &p.uniform, "SETTING", "baseline: one setting (e.g. 1:4b_128g) for every projection, no measurement"},
         {"rtn", MB_OPT_FLAG, &p.rtn, NULL, "baseline: round to nearest instead of GPTQ"},
         {"extra-options", MB_OPT_FLAG, &p.extra_options, NULL, "add 1:2b_32g to both option tables (more choice near the tables' minimum)"},
-        {"alloc-power", MB_OPT_DOUBLE, &p.alloc_power, "P", "allocation minimises the sum of error^P over modules (default 1)"},
+        {"alloc-power", MB_OPT_DOUBLE, &p.alloc_power, "P", "allocation minimises the sum of error^P over modules (default 1)", 0, 16, MB_OPT_OPEN_MIN},
         {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
         {0},
     };
@@ -157,6 +167,19 @@ static int cmd_convert(int argc, char **argv) {
     const char *pos[2];
     int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
     if (r) return r == 1 ? 0 : 2;
+    /* values outside a set, and products of options: usage errors too (exit 2) */
+    if (head_bits < 2 || head_bits > 8 || !mb_head_option((int)head_bits)) return mb_args_usage_error(&spec, "--head-bits must be 2, 3, 4, 5, 6 or 8, not %lld", (long long)head_bits);
+    {
+        int64_t len = p.length > 0 ? p.length : 2048, rq = p.rows > 0 ? p.rows : 100, rm = p.mrows > 0 ? p.mrows : 16;
+        if ((rq + rm) * len > MB_CLI_MAX_TOKENS) /* each factor <= 2^31: no overflow */
+            return mb_args_usage_error(&spec, "(--rows %lld + --measure-rows %lld) x --length %lld = %lld calibration tokens, more than %lld", (long long)rq,
+                                       (long long)rm, (long long)len, (long long)((rq + rm) * len), (long long)MB_CLI_MAX_TOKENS);
+    }
+    if (p.uniform) {
+        struct mb_qsetting uq;
+        if (mb_qsetting_parse(p.uniform, &uq)) return mb_args_usage_error(&spec, "--uniform: %s", mb_errmsg());
+    }
+    if (p.cal_field && !p.cal_field[0]) return mb_args_usage_error(&spec, "--field must not be empty");
     p.in = pos[0];
     p.out = pos[1];
     p.head_bits = (int)head_bits;
@@ -235,7 +258,7 @@ int main(int argc, char **argv) {
     signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) { usage(stderr); return 2; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) { usage(stdout); return 0; }
-    if (!strcmp(argv[1], "--version")) { printf("mixbit %s (%s)\n", MB_VERSION, mb_cuda_built() ? "CUDA" : "no CUDA"); return 0; }
+    if (!strcmp(argv[1], "--version")) { mb_args_version(); return 0; }
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
         if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "mixbit: unknown command '%s'\n\n", argv[1]);

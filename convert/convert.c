@@ -488,10 +488,14 @@ static json_t *qparams_json(const char *setting) {
     return o;
 }
 
+/* the measurement.json keys of module m's projections */
+static const char *proj_key(const struct conv *cv, int m, int pi) {
+    static const char *attn[4] = {"q_proj", "k_proj", "v_proj", "o_proj"}, *mlp[3] = {"gate_proj", "up_proj", "down_proj"}, *moe[3] = {"w1", "w3", "w2"};
+    return m % 2 == 0 ? attn[pi] : cv->c->n_experts ? moe[pi] : mlp[pi];
+}
+
 /* measurement.json in the reference converter's key layout */
 static json_t *measurement_json(const struct conv *cv) {
-    static const char *attn_keys[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
-    static const char *mlp_keys[3] = {"gate_proj", "up_proj", "down_proj"}, *moe_keys[3] = {"w1", "w3", "w2"};
     json_t *root = json_object(), *meas = json_object();
     for (int m = 0; m < cv->nmod; m++) {
         const struct mb_module_table *t = &cv->tab[m];
@@ -503,7 +507,7 @@ static json_t *measurement_json(const struct conv *cv) {
             json_object_set_new(o, "accuracy", json_real(ACC(cv, m, r)));
             json_object_set_new(o, "total_bits", json_integer(t->bits[r]));
             for (int pi = 0; pi < t->nproj; pi++)
-                json_object_set_new(o, m % 2 == 0 ? attn_keys[pi] : cv->c->n_experts ? moe_keys[pi] : mlp_keys[pi], qparams_json(t->setting[r][pi]));
+                json_object_set_new(o, proj_key(cv, m, pi), qparams_json(t->setting[r][pi]));
             json_array_append_new(arr, o);
         }
         json_object_set_new(meas, mn, arr);
@@ -513,34 +517,45 @@ static json_t *measurement_json(const struct conv *cv) {
     return root;
 }
 
-/* read accuracies from a measurement.json (ours or the reference converter's) */
+/* a setting in the canonical form the measurement reader gives (mb_qsetting_str) */
+static void canon(const char *setting, char *buf, size_t n) {
+    struct mb_qsetting q;
+    if (mb_qsetting_parse(setting, &q)) snprintf(buf, n, "%s", setting);
+    else mb_qsetting_str(&q, buf, n);
+}
+
+/* Accuracies from a measurement.json (ours or the reference converter's), matched to the table rows by
+ * their settings (any order); every row must be found with the same exact bit cost (else the file is for
+ * another model or table). The reader (quant/measurement.c) validates the file. */
 static int load_measurement(struct conv *cv, const char *path) {
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) return mb_fail(MB_EFORMAT, "%s: invalid JSON: %s (line %d)", path, jerr.text, jerr.line);
-    json_t *meas = json_object_get(root, "measurement");
-    int rc = 0;
-    if (!json_is_object(meas)) { rc = mb_fail(MB_EFORMAT, "%s: no \"measurement\" object", path); goto out; }
+    struct mb_measurement *ms = NULL;
+    int rc = mb_measurement_load(path, &ms);
     for (int m = 0; m < cv->nmod && !rc; m++) {
         const struct mb_module_table *t = &cv->tab[m];
         char mn[96];
         module_name(cv, m, mn, sizeof mn);
-        json_t *arr = json_object_get(meas, mn);
-        if (!json_is_array(arr) || json_array_size(arr) != (size_t)t->n) { rc = mb_fail(MB_EFORMAT, "%s: %s needs %d options", path, mn, t->n); break; }
-        for (int r = 0; r < t->n; r++) {
-            json_t *a = json_object_get(json_array_get(arr, r), "accuracy");
-            json_t *tb = json_object_get(json_array_get(arr, r), "total_bits");
-            if (!json_is_number(a)) { rc = mb_fail(MB_EFORMAT, "%s: %s option %d has no accuracy", path, mn, r); break; }
-            if (json_is_integer(tb) && json_integer_value(tb) != t->bits[r]) {
-                rc = mb_fail(MB_EINVAL, "%s: %s option %d is for another model or table (%lld bits, expected %lld)", path, mn, r,
-                             (long long)json_integer_value(tb), (long long)t->bits[r]);
-                break;
+        const struct mb_meas_module *mm = mb_measurement_find(ms, mn);
+        if (!mm) { rc = mb_fail(MB_EFORMAT, "%s: no measurement of %s", path, mn); break; }
+        for (int r = 0; r < t->n && !rc; r++) {
+            int found = -1;
+            for (int o = 0; o < mm->n_opts && found < 0; o++) {
+                int same = 1;
+                for (int pi = 0; pi < t->nproj && same; pi++) {
+                    char a[128];
+                    const char *b = mb_meas_option_setting(&mm->opts[o], proj_key(cv, m, pi));
+                    canon(t->setting[r][pi], a, sizeof a);
+                    same = b && !strcmp(a, b);
+                }
+                if (same) found = o;
             }
-            ACC(cv, m, r) = json_number_value(a);
+            if (found < 0) { rc = mb_fail(MB_EFORMAT, "%s: %s has no option %s / ... (table row %d)", path, mn, t->setting[r][0], r); break; }
+            if (mm->opts[found].total_bits != t->bits[r])
+                rc = mb_fail(MB_EINVAL, "%s: %s option %d is for another model or table (%lld bits, expected %lld)", path, mn, found,
+                             (long long)mm->opts[found].total_bits, (long long)t->bits[r]);
+            else ACC(cv, m, r) = mm->opts[found].accuracy;
         }
     }
-out:
-    json_decref(root);
+    mb_measurement_free(ms);
     return rc;
 }
 
@@ -693,19 +708,26 @@ static int bpw_range(const struct conv *cv, int extra, double *lo, double *hi) {
     return 0;
 }
 
-/* does a measurement.json carry the extra option? (19 / 17 entries: no, 20 / 18: yes) */
+/* does a measurement.json carry the extra option (every projection at MB_EXTRA_SETTING in some option)? */
 static int measurement_has_extra(const struct conv *cv, const char *path, int *extra) {
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) return mb_fail(MB_EFORMAT, "%s: invalid JSON: %s (line %d)", path, jerr.text, jerr.line);
-    char mn[96];
+    struct mb_measurement *ms = NULL;
+    int rc = mb_measurement_load(path, &ms);
+    if (rc) return rc;
+    char mn[96], want[64];
     module_name(cv, 0, mn, sizeof mn);
-    size_t n = json_array_size(json_object_get(json_object_get(root, "measurement"), mn));
-    json_decref(root);
-    if (n == MB_ATTN_OPTIONS) *extra = 0;
-    else if (n == MB_ATTN_OPTIONS + 1) *extra = 1;
-    else return mb_fail(MB_EFORMAT, "%s: %s has %zu options, expected %d or %d", path, mn, n, MB_ATTN_OPTIONS, MB_ATTN_OPTIONS + 1);
-    return 0;
+    canon(MB_EXTRA_SETTING, want, sizeof want);
+    const struct mb_meas_module *mm = mb_measurement_find(ms, mn);
+    *extra = 0;
+    for (int o = 0; mm && o < mm->n_opts && !*extra; o++) {
+        int all = 1;
+        for (int pi = 0; pi < 4 && all; pi++) {
+            const char *b = mb_meas_option_setting(&mm->opts[o], proj_key(cv, 0, pi));
+            all = b && !strcmp(b, want);
+        }
+        *extra = all;
+    }
+    mb_measurement_free(ms);
+    return mm ? 0 : mb_fail(MB_EFORMAT, "%s: no measurement of %s", path, mn);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -814,18 +836,20 @@ static int preflight(struct conv *cv, int *found) {
     if (access(p->out, F_OK) == 0) return mb_fail(MB_EINVAL, "%s already exists; choose a new output directory", p->out);
     /* inputs named on the command line must exist before any work starts */
     if (!p->uniform && !p->measurement && !p->cal) return mb_fail(MB_EUSAGE, "no calibration text (--cal)");
-    if (p->cal && !mb_file_exists(p->cal) && !mb_is_dir(p->cal)) return mb_fail(MB_EIO, "%s: calibration text not found", p->cal);
-    if (p->eval && !mb_file_exists(p->eval)) return mb_fail(MB_EIO, "%s: evaluation text not found", p->eval);
-    if (p->measurement && !mb_file_exists(p->measurement)) return mb_fail(MB_EIO, "%s: measurement file not found", p->measurement);
+    if (p->cal && !mb_is_dir(p->cal) && (rc = mb_check_regular(p->cal))) return mb_fail_ctx(rc, "calibration text");
+    if (p->eval && (rc = mb_check_regular(p->eval))) return mb_fail_ctx(rc, "evaluation text");
+    if (p->measurement && (rc = mb_check_regular(p->measurement))) return mb_fail_ctx(rc, "measurement file");
     if ((rc = mb_model_open(p->in, &cv->m))) return rc;
     cv->c = &cv->m->cfg;
     if (cv->c->is_exl2) return mb_fail(MB_EINVAL, "%s is already an EXL2 model", p->in);
     if ((rc = mb_tokenizer_load(cv->m->dir, &cv->tok))) return mb_fail_ctx(rc, "the model's tokenizer is needed for calibration");
     cv->bos = mb_tokenizer_adds_bos(cv->tok) && mb_tokenizer_bos(cv->tok) >= 0;
-    if (p->head_bits && !mb_head_option(p->head_bits)) return mb_fail(MB_EUSAGE, "--head-bits must be 2, 3, 4, 5, 6 or 8");
+    if (!mb_head_option(p->head_bits)) return mb_fail(MB_EUSAGE, "--head-bits must be 2, 3, 4, 5, 6 or 8");
     cv->nmod = (int)(2 * cv->c->n_layers);
+    size_t accb;
+    if ((rc = mb_size_mul(&accb, MB_SIZE_LIMIT, "accuracy table", cv->nmod, MB_MODULE_OPTIONS_MAX, sizeof *cv->acc))) return rc;
     cv->tab = calloc(cv->nmod, sizeof *cv->tab);
-    cv->acc = calloc((size_t)cv->nmod * MB_MODULE_OPTIONS_MAX, sizeof *cv->acc);
+    cv->acc = calloc(1, accb);
     cv->choice = calloc(cv->nmod, sizeof *cv->choice);
     cv->expert_tokens = calloc((size_t)(cv->c->n_layers * (cv->c->n_experts ? cv->c->n_experts : 1)), sizeof *cv->expert_tokens);
     if (!cv->tab || !cv->acc || !cv->choice || !cv->expert_tokens) return mb_fail(MB_ENOMEM, "out of memory");
@@ -897,7 +921,9 @@ static int stage_rows(struct conv *cv, int found) {
     char rp[4400];
     int rc;
     wpath(cv, rp, sizeof rp, "rows.i32");
-    int64_t nrows_total = (cv->Rm + cv->Rq) * cv->L;
+    size_t bytes;
+    if ((rc = mb_size_mul(&bytes, MB_SIZE_LIMIT, "calibration rows", cv->Rm + cv->Rq, cv->L, sizeof(int32_t)))) return rc;
+    int64_t nrows_total = (int64_t)(bytes / sizeof(int32_t));
     if (found && mb_file_exists(rp)) {
         char *buf;
         size_t len;

@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../formats/formats.h"
 #include "../quant/quant.h"
@@ -28,7 +29,7 @@ int mb_inspect(const struct mb_inspect_params *p) {
     int have_cfg = 0;
     if (mb_is_dir(p->path)) {
         if ((rc = mb_path_join(cfgp, sizeof cfgp, p->path, "config.json"))) return rc;
-        have_cfg = mb_file_exists(cfgp);
+        have_cfg = access(cfgp, F_OK) == 0; /* any entry: a FIFO or directory named config.json is refused, not ignored */
     }
     if (have_cfg) {
         if ((rc = mb_model_open(p->path, &m))) return rc;
@@ -77,6 +78,7 @@ int mb_inspect(const struct mb_inspect_params *p) {
             json_object_set_new(a, "experts_per_token", json_integer(c->n_experts_per_tok));
             json_object_set_new(a, "exl2", json_boolean(c->is_exl2));
             if (c->is_exl2) json_object_set_new(a, "exl2_bits", json_real(c->exl2_bits));
+            if (c->is_exl2) json_object_set_new(a, "exl2_head_bits", json_integer((json_int_t)c->exl2_head_bits));
             json_object_set_new(root, "model", a);
         }
         json_object_set_new(root, "tensors_count", json_integer(st->n));
@@ -130,7 +132,8 @@ int mb_inspect(const struct mb_inspect_params *p) {
             if (c->sliding_window) printf("sliding win: %lld\n", (long long)c->sliding_window);
             if (c->n_experts) printf("experts:     %d experts, %d per token\n", c->n_experts, c->n_experts_per_tok);
             printf("embeddings:  %s\n", c->tied ? "tied (head shares the embedding matrix)" : "untied");
-            if (c->is_exl2) printf("exl2:        %.2f bpw target, head %.0f bits\n", c->exl2_bits, c->exl2_head_bits);
+            if (c->is_exl2) /* the head's setting, not its storage cost: the table below has every layer's stored bpw */
+                printf("exl2:        %.2f bpw target (decoder), head setting %.0f bits (stored bpw per layer below)\n", c->exl2_bits, c->exl2_head_bits);
         }
         printf("tensors:     %d\n", st->n);
         printf("elements:    %lld (%.2f M)\n", (long long)params, params / 1e6);

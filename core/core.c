@@ -84,26 +84,60 @@ void mb_progress_begin(struct mb_progress *p, const char *stage, const char *uni
     p->active = mb_log_level >= MB_LOG_INFO;
 }
 
-static void progress_print(struct mb_progress *p, int final) {
-    double el = mb_now() - p->t0;
-    double rate = el > 0 ? p->done / el : 0;
-    double eta = (rate > 0 && p->total > 0) ? (p->total - p->done) / rate : 0;
-    if (p->total <= 0) { /* unknown total: count and rate only */
-        if (p->tty) fprintf(stderr, "\r%s: %lld %s, %.1f %s/s%s", p->stage, (long long)p->done, p->unit, rate, p->unit, final ? "\n" : "");
-        else fprintf(stderr, "mixbit: %s: %lld %s, %.1f %s/s\n", p->stage, (long long)p->done, p->unit, rate, p->unit);
+/* "1h02m", "3m05s", "42s" */
+static void fmt_duration(double s, char *buf, size_t n) {
+    if (!(s >= 0) || s > 1e9) { snprintf(buf, n, "?"); return; }
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(buf, n, "%ldh%02ldm", t / 3600, t / 60 % 60);
+    else if (t >= 60) snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
+    else snprintf(buf, n, "%lds", t);
+}
+
+/* "12.3 tok/s", or "4.2 s/module" below one unit per second (singular of "modules"), "? modules/s"
+ * before the first unit */
+static void fmt_rate(int64_t done, double el, const char *unit, char *buf, size_t n) {
+    if (done <= 0 || !(el > 0)) { snprintf(buf, n, "? %s/s", unit); return; }
+    double rate = done / el;
+    if (rate >= 1.0) { snprintf(buf, n, "%.1f %s/s", rate, unit); return; }
+    size_t ul = strlen(unit);
+    int plural = ul > 3 && unit[ul - 1] == 's';
+    snprintf(buf, n, "%.1f s/%.*s", el / done, (int)(plural ? ul - 1 : ul), unit);
+}
+
+void mb_progress_line(const struct mb_progress *p, double el, int final, char *buf, size_t n) {
+    char rate[64], t[32];
+    fmt_rate(p->done, el, p->unit, rate, sizeof rate);
+    if (p->total <= 0) { /* unknown total: count, rate and elapsed time */
+        fmt_duration(el, t, sizeof t);
+        snprintf(buf, n, "%s: %lld %s, %s, %s elapsed", p->stage, (long long)p->done, p->unit, rate, t);
         return;
     }
-    if (p->tty) {
-        int w = 30, fill = p->total > 0 ? (int)(w * (double)p->done / p->total) : 0;
-        char bar[64];
-        for (int i = 0; i < w; i++) bar[i] = i < fill ? '#' : '.';
-        bar[w] = 0;
-        fprintf(stderr, "\r%s [%s] %lld/%lld %s, %.1f %s/s, ETA %.0fs%s", p->stage, bar, (long long)p->done,
-                (long long)p->total, p->unit, rate, p->unit, eta, final ? "\n" : "");
-    } else {
-        fprintf(stderr, "mixbit: %s: %lld/%lld %s, %.1f %s/s, ETA %.0fs\n", p->stage, (long long)p->done,
-                (long long)p->total, p->unit, rate, p->unit, eta);
+    if (final) { /* the total time instead of an ETA */
+        fmt_duration(el, t, sizeof t);
+        snprintf(buf, n, "%s: %lld/%lld %s, %s, done in %s", p->stage, (long long)p->done, (long long)p->total, p->unit, rate, t);
+        return;
     }
+    /* ETA from the mean rate so far; unknown until the first unit is done */
+    if (p->done >= p->total) fmt_duration(0, t, sizeof t);
+    else if (p->done > 0 && el > 0) fmt_duration((double)(p->total - p->done) * el / (double)p->done, t, sizeof t);
+    else snprintf(t, sizeof t, "?");
+    snprintf(buf, n, "%s: %lld/%lld %s, %s, ETA %s", p->stage, (long long)p->done, (long long)p->total, p->unit, rate, t);
+}
+
+static void progress_print(struct mb_progress *p, int final) {
+    char line[512];
+    mb_progress_line(p, mb_now() - p->t0, final, line, sizeof line);
+    if (!p->tty) { fprintf(stderr, "mixbit: %s\n", line); return; }
+    char bar[40] = "";
+    if (p->total > 0) {
+        int w = 30, fill = (int)(w * (double)(p->done < p->total ? p->done : p->total) / (double)p->total);
+        bar[0] = '[';
+        for (int i = 0; i < w; i++) bar[1 + i] = i < fill ? '#' : '.';
+        bar[w + 1] = ']';
+        bar[w + 2] = ' ';
+        bar[w + 3] = 0;
+    }
+    fprintf(stderr, "\r%s%s\033[K%s", bar, line, final ? "\n" : "");
 }
 
 void mb_progress_update(struct mb_progress *p, int64_t done) {
@@ -193,31 +227,107 @@ int mb_mul_ok(size_t a, size_t b, size_t *out) {
     return 1;
 }
 
+int mb_size_mul_n(size_t *out, size_t limit, const char *what, const int64_t *f, int n) {
+    *out = 0;
+    size_t prod = 1;
+    int over = 0, neg = 0;
+    for (int i = 0; i < n; i++) {
+        if (f[i] < 0) neg = 1;
+        else if (!over && !mb_mul_ok(prod, (size_t)f[i], &prod)) over = 1;
+    }
+    if (!neg && !over && prod <= limit) { *out = prod; return 0; }
+    char fs[256];
+    size_t k = 0;
+    fs[0] = 0;
+    for (int i = 0; i < n && k < sizeof fs; i++) k += (size_t)snprintf(fs + k, sizeof fs - k, "%s%lld", i ? " x " : "", (long long)f[i]);
+    if (neg) return mb_fail(MB_ERANGE, "%s: %s has a negative factor", what, fs);
+    if (over) return mb_fail(MB_ERANGE, "%s: %s overflows", what, fs);
+    return mb_fail(MB_ERANGE, "%s: %s = %zu exceeds the limit of %zu", what, fs, prod, limit);
+}
+
 /* ---- files ---- */
+static const char *file_kind(mode_t m) {
+    if (S_ISDIR(m)) return "a directory";
+    if (S_ISFIFO(m)) return "a FIFO";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    if (S_ISSOCK(m)) return "a socket";
+    return "not a regular file";
+}
+
+static int stat_regular(const char *path, const struct stat *st) {
+    if (S_ISREG(st->st_mode)) return 0;
+    const char *k = file_kind(st->st_mode);
+    if (!strcmp(k, "not a regular file")) return mb_fail(MB_EIO, "%s: not a regular file", path);
+    return mb_fail(MB_EIO, "%s: is %s, not a regular file", path, k);
+}
+
+int mb_check_regular(const char *path) {
+    struct stat st;
+    if (!path || !path[0]) return mb_fail(MB_EIO, "empty file name");
+    if (stat(path, &st) != 0) {
+        if (errno == ENOENT || errno == ENOTDIR) return mb_fail(MB_EIO, "%s: no such file", path);
+        return mb_fail(MB_EIO, "%s: %s", path, strerror(errno));
+    }
+    return stat_regular(path, &st);
+}
+
+int mb_open_regular(const char *path, int *fd_out, size_t *size) {
+    *fd_out = -1;
+    if (size) *size = 0;
+    int rc = mb_check_regular(path); /* refuse FIFOs and devices before opening them at all */
+    if (rc) return rc;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return mb_fail(MB_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) { rc = mb_fail(MB_EIO, "%s: stat: %s", path, strerror(errno)); close(fd); return rc; }
+    if ((rc = stat_regular(path, &st))) { close(fd); return rc; } /* replaced between stat and open */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) { rc = mb_fail(MB_EIO, "%s: fcntl: %s", path, strerror(errno)); close(fd); return rc; }
+    if (st.st_size < 0) { close(fd); return mb_fail(MB_EIO, "%s: negative size", path); }
+    *fd_out = fd;
+    if (size) *size = (size_t)st.st_size;
+    return 0;
+}
+
+int mb_fopen_regular(const char *path, FILE **out, size_t *size) {
+    *out = NULL;
+    int fd, rc = mb_open_regular(path, &fd, size);
+    if (rc) return rc;
+    FILE *f = fdopen(fd, "rb");
+    if (!f) { rc = mb_fail(MB_EIO, "%s: cannot open: %s", path, strerror(errno)); close(fd); return rc; }
+    *out = f;
+    return 0;
+}
+
 int mb_read_file(const char *path, char **buf, size_t *len, size_t max) {
     *buf = NULL;
     if (len) *len = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return mb_fail(MB_EIO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *b = malloc(cap + 1);
-    if (!b) { fclose(f); return mb_fail(MB_ENOMEM, "%s: out of memory", path); }
-    for (;;) {
-        if (n == cap) {
-            if (max && cap >= max) { free(b); fclose(f); return mb_fail(MB_EFORMAT, "%s: larger than %zu bytes", path, max); }
-            cap *= 2;
-            char *nb = realloc(b, cap + 1);
-            if (!nb) { free(b); fclose(f); return mb_fail(MB_ENOMEM, "%s: out of memory", path); }
-            b = nb;
-        }
-        size_t r = fread(b + n, 1, cap - n, f);
-        if (r == 0) break;
-        n += r;
+    int fd;
+    size_t size;
+    int rc = mb_open_regular(path, &fd, &size);
+    if (rc) return rc;
+    if (max && size > max) { close(fd); return mb_fail(MB_EFORMAT, "%s: larger than %zu bytes (%zu)", path, max, size); }
+    if (size >= SIZE_MAX / 2) { close(fd); return mb_fail(MB_ERANGE, "%s: too large (%zu bytes)", path, size); }
+    char *b = malloc(size + 1);
+    if (!b) { close(fd); return mb_fail(MB_ENOMEM, "%s: out of memory reading %zu bytes", path, size); }
+    size_t n = 0;
+    while (n < size) { /* at most `size` bytes: bounded whatever the file does */
+        ssize_t r = read(fd, b + n, size - n > (1u << 30) ? (1u << 30) : size - n);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) { rc = mb_fail(MB_EIO, "%s: read error: %s", path, strerror(errno)); break; }
+        if (r == 0) { rc = mb_fail(MB_EIO, "%s: shrank while being read (%zu of %zu bytes)", path, n, size); break; }
+        n += (size_t)r;
     }
-    int err = ferror(f);
-    fclose(f);
-    if (err) { free(b); return mb_fail(MB_EIO, "%s: read error", path); }
-    if (max && n > max) { free(b); return mb_fail(MB_EFORMAT, "%s: larger than %zu bytes", path, max); }
+    if (!rc) {
+        char extra;
+        ssize_t r;
+        while ((r = read(fd, &extra, 1)) < 0 && errno == EINTR) {}
+        if (r > 0) rc = mb_fail(MB_EIO, "%s: grew while being read (more than %zu bytes)", path, size);
+        else if (r < 0) rc = mb_fail(MB_EIO, "%s: read error: %s", path, strerror(errno));
+    }
+    close(fd);
+    if (rc) { free(b); return rc; }
     b[n] = 0;
     *buf = b;
     if (len) *len = n;

@@ -67,6 +67,10 @@ struct mb_progress {
 void mb_progress_begin(struct mb_progress *p, const char *stage, const char *unit, int64_t total);
 void mb_progress_update(struct mb_progress *p, int64_t done);
 void mb_progress_end(struct mb_progress *p);
+/* The text of one progress line after `elapsed` seconds: "stage: done/total unit, rate, ETA 3m05s" when the
+ * total is known (ETA "?" before the first unit; "done in 42s" when final), "stage: done unit, rate,
+ * 12s elapsed" otherwise. The rate reads "4.2 s/module" below one unit per second. */
+void mb_progress_line(const struct mb_progress *p, double elapsed, int final, char *buf, size_t n);
 
 /* ---- time ---- */
 double mb_now(void); /* seconds, monotonic */
@@ -85,8 +89,36 @@ void *mb_calloc(size_t n, size_t size, const char *what);
 /* n * size with overflow check; returns 0 on overflow. */
 int mb_mul_ok(size_t a, size_t b, size_t *out);
 
+/* ---- checked sizes: every size computed from user input or file contents goes through this ---- */
+/* *out = the product of the factors, or MB_ERANGE (and *out = 0) with a message naming `what` and the
+ * factors when a factor is negative, the product overflows, or it exceeds `limit` (same unit as the
+ * product). Factors are converted to int64_t, so pass element counts, shapes and sizeof() freely:
+ *   size_t bytes;
+ *   if ((rc = mb_size_mul(&bytes, MB_SIZE_LIMIT, "calibration rows", rows, length, sizeof(int32_t)))) return rc;
+ * gives "calibration rows: 100000000 x 2048 x 4 exceeds the limit of 1099511627776". */
+int mb_size_mul_n(size_t *out, size_t limit, const char *what, const int64_t *factors, int n);
+#define mb_size_mul(out, limit, what, ...)                                                            \
+    mb_size_mul_n((out), (limit), (what), (const int64_t[]){__VA_ARGS__},                           \
+                  (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)))
+/* The default upper bound for one allocation: 1 TiB, far beyond any buffer mixbit needs, far below a
+ * wrapped-around size. Callers with a tighter natural bound (token counts, 2^31) pass it instead. */
+#define MB_SIZE_LIMIT ((size_t)1 << 40)
+
 /* ---- files ---- */
-/* Read a whole file into a NUL-terminated malloc'd buffer (caller frees). `max` bytes at most (0: no cap). */
+/* Open an existing regular file for reading without ever blocking: FIFOs, devices, sockets and
+ * directories are refused (MB_EIO, "PATH: is a FIFO, not a regular file"); a missing file is MB_EIO
+ * "PATH: no such file". The path is stat'ed first, opened with O_RDONLY | O_NONBLOCK | O_CLOEXEC |
+ * O_NOCTTY, the opened descriptor fstat'ed again (a file swapped for a FIFO in between is refused too),
+ * then O_NONBLOCK is cleared. *fd is owned by the caller (close); *size (optional) receives the size at
+ * open time. Use this (or the two below) for every file mixbit reads. */
+int mb_open_regular(const char *path, int *fd, size_t *size);
+/* The same as a stdio stream opened "rb" (caller fcloses). */
+int mb_fopen_regular(const char *path, FILE **f, size_t *size);
+/* The same check without opening: 0 when `path` is a regular file, else the error above. */
+int mb_check_regular(const char *path);
+/* Read a whole regular file (mb_open_regular) into a NUL-terminated malloc'd buffer (caller frees).
+ * Files larger than `max` bytes (0: no cap) are refused before reading; exactly the size the file had at
+ * open time is read, and a file that grows or shrinks meanwhile is an error, so the loop is bounded. */
 int mb_read_file(const char *path, char **buf, size_t *len, size_t max);
 /* Atomic write: open "<path>.tmp.<pid>" for writing; mb_atomic_commit fsyncs, closes and renames it onto
  * `path`; mb_atomic_abort closes and removes it. A struct is owned by the caller (stack). */

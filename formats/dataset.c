@@ -1,9 +1,11 @@
 /* formats/dataset.c: text datasets (.txt, .jsonl, their .gz versions, directories of them) and
  * calibration rows. gzip is read with zlib (gzread passes plain files through unchanged). */
 #include <dirent.h>
+#include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include "formats.h"
@@ -16,16 +18,25 @@ static int ends_with(const char *s, const char *suf) {
 static int is_jsonl(const char *p) { return ends_with(p, ".jsonl") || ends_with(p, ".jsonl.gz"); }
 static int is_text(const char *p) { return ends_with(p, ".txt") || ends_with(p, ".txt.gz"); }
 
-/* read a whole (possibly gzipped) file */
+/* Largest text mixbit reads into memory from one file (after decompression), and for all the files of a
+ * calibration directory together: bounds every read loop (a file that keeps growing, a gzip bomb) and
+ * keeps token counts inside int32 ranges downstream. Calibration and evaluation texts are megabytes. */
+#define TEXT_MAX ((size_t)1 << 31)
+
+/* read a whole (possibly gzipped) regular file; a truncated or corrupt .gz is an error naming the file */
 static int read_gz(const char *path, char **out, size_t *len) {
-    gzFile f = gzopen(path, "rb");
-    if (!f) return mb_fail(MB_EIO, "%s: cannot open", path);
+    *out = NULL;
+    *len = 0;
+    int fd, rc = mb_open_regular(path, &fd, NULL); /* FIFOs, devices, directories refused without blocking */
+    if (rc) return rc;
+    gzFile f = gzdopen(fd, "rb");
+    if (!f) { close(fd); return mb_fail(MB_ENOMEM, "%s: cannot open: out of memory", path); }
     size_t cap = 1 << 16, n = 0;
     char *b = malloc(cap + 1);
-    int rc = 0;
     for (;;) {
         if (!b) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", path); break; }
         if (n == cap) {
+            if (cap >= TEXT_MAX) { rc = mb_fail(MB_ERANGE, "%s: more than %zu bytes of text", path, TEXT_MAX); break; }
             cap *= 2;
             char *nb = realloc(b, cap + 1);
             if (!nb) { rc = mb_fail(MB_ENOMEM, "%s: out of memory", path); break; }
@@ -33,12 +44,20 @@ static int read_gz(const char *path, char **out, size_t *len) {
         }
         int r = gzread(f, b + n, (unsigned)(cap - n > (1u << 30) ? (1u << 30) : cap - n));
         if (r < 0) { int e; rc = mb_fail(MB_EIO, "%s: read error: %s", path, gzerror(f, &e)); break; }
-        if (r == 0) break;
+        if (r == 0) {
+            /* gzread reports a stream cut short (Z_BUF_ERROR) as a plain end of file: ask */
+            int e = Z_OK;
+            const char *msg = gzerror(f, &e);
+            if (e == Z_BUF_ERROR) rc = mb_fail(MB_EFORMAT, "%s: truncated gzip data (%s after %zu bytes)", path, msg && msg[0] ? msg : "unexpected end of file", n);
+            else if (e != Z_OK) rc = mb_fail(MB_EIO, "%s: read error: %s", path, msg);
+            break;
+        }
         n += (size_t)r;
     }
-    gzclose(f);
+    int cr = gzclose_r(f); /* closes fd too; Z_BUF_ERROR: the last read ended inside a gzip stream */
+    if (!rc && cr == Z_BUF_ERROR) rc = mb_fail(MB_EFORMAT, "%s: truncated gzip data", path);
+    else if (!rc && cr != Z_OK) rc = mb_fail(MB_EIO, "%s: read error (zlib status %d)", path, cr);
     if (rc) { free(b); return rc; }
-    if (!b) return mb_fail(MB_ENOMEM, "%s: out of memory", path);
     b[n] = 0;
     *out = b;
     *len = n;
@@ -113,24 +132,25 @@ static int read_one(const char *path, const char *field, mb_doc_cb cb, void *use
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 int mb_dataset_read(const char *path, const char *field, mb_doc_cb cb, void *user) {
-    if (!mb_is_dir(path)) {
-        if (!mb_file_exists(path)) return mb_fail(MB_EIO, "%s: no such file", path);
-        return read_one(path, field, cb, user);
-    }
+    if (!mb_is_dir(path)) return read_one(path, field, cb, user); /* read_one refuses missing and non-regular files */
     DIR *d = opendir(path);
-    if (!d) return mb_fail(MB_EIO, "%s: cannot open directory", path);
+    if (!d) return mb_fail(MB_EIO, "%s: cannot open directory: %s", path, strerror(errno));
     char **names = NULL;
     size_t n = 0;
     int rc = 0;
     struct dirent *de;
+    errno = 0;
     while ((de = readdir(d))) {
-        if (!is_jsonl(de->d_name) && !is_text(de->d_name)) continue;
+        if (!is_jsonl(de->d_name) && !is_text(de->d_name)) { errno = 0; continue; }
+        if (n >= 1000000) { rc = mb_fail(MB_ERANGE, "%s: more than 1000000 text files", path); break; }
         char **nn = realloc(names, (n + 1) * sizeof *nn);
         if (!nn) { rc = mb_fail(MB_ENOMEM, "out of memory"); break; }
         names = nn;
         if (!(names[n] = strdup(de->d_name))) { rc = mb_fail(MB_ENOMEM, "out of memory"); break; }
         n++;
+        errno = 0;
     }
+    if (!rc && errno) rc = mb_fail(MB_EIO, "%s: reading the directory: %s", path, strerror(errno));
     closedir(d);
     if (!rc && n == 0) rc = mb_fail(MB_EIO, "%s: no .txt/.jsonl(.gz) files in the directory", path);
     if (!rc) qsort(names, n, sizeof *names, cmp_str);
@@ -148,6 +168,7 @@ int mb_dataset_read(const char *path, const char *field, mb_doc_cb cb, void *use
 struct join { char *p; size_t n, cap; int docs; };
 static int join_cb(const char *doc, size_t len, void *user) {
     struct join *j = user;
+    if (len > TEXT_MAX || j->n + len + 3 > TEXT_MAX) return mb_fail(MB_ERANGE, "calibration text: more than %zu bytes in all", TEXT_MAX);
     size_t need = j->n + len + 3;
     if (need > j->cap) {
         size_t nc = j->cap ? j->cap : 1 << 16;
@@ -168,8 +189,11 @@ int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *fi
                   uint64_t seed, int32_t **out) {
     *out = NULL;
     if (rows <= 0 || length < 2) return mb_fail(MB_EINVAL, "calibration rows x length must be positive (got %lld x %lld)", (long long)rows, (long long)length);
+    size_t bytes; /* checked before any reading */
+    int rc = mb_size_mul(&bytes, MB_CALIB_MAX_TOKENS * sizeof(int32_t), "calibration rows x length x 4 bytes", rows, length, sizeof(int32_t));
+    if (rc) return rc;
     struct join j = {0};
-    int rc = mb_dataset_read(path, field, join_cb, &j);
+    rc = mb_dataset_read(path, field, join_cb, &j);
     if (rc) { free(j.p); return rc; }
     int32_t *ids = NULL;
     int64_t n = 0, cap = 0;
@@ -181,8 +205,8 @@ int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *fi
         free(ids);
         return mb_fail(MB_EINVAL, "%s: %lld tokens of calibration text, fewer than one row of %lld", path, (long long)n, (long long)length);
     }
-    int32_t *r = malloc((size_t)rows * (size_t)length * sizeof *r);
-    if (!r) { free(ids); return mb_fail(MB_ENOMEM, "out of memory for calibration rows"); }
+    int32_t *r = malloc(bytes);
+    if (!r) { free(ids); return mb_fail(MB_ENOMEM, "out of memory for %lld x %lld calibration tokens", (long long)rows, (long long)length); }
     /* stratified: row i starts at a random offset inside its share of the stream, so rows overlap only
      * when the text is shorter than rows x length */
     struct mb_rng g = {seed ^ 0x6d69786269742121ull};

@@ -147,7 +147,11 @@ struct mb_config {
     double exl2_bits, exl2_head_bits;
 };
 
-/* Parse config.json text. `name` is used in messages. */
+/* Parse config.json text. `name` is used in messages. Every field read is checked for its type and range
+ * (sizes, max_position_embeddings >= 2, rms_norm_eps in (0, 0.1], rope_theta in (1, 1e12], every
+ * rope_scaling field, sliding_window, experts, bos/eos ids inside the vocabulary, booleans, strings);
+ * each error is one MB_EFORMAT line naming the file and the field (MB_EUNSUPPORTED for an architecture
+ * or feature mixbit does not handle). */
 int mb_config_parse(const char *name, const char *text, size_t len, struct mb_config *c);
 int mb_config_load(const char *path, struct mb_config *c);
 
@@ -170,6 +174,9 @@ struct mb_expect {
 /* List every tensor a model with this config must have (owned array, free()). The head is listed even
  * when tied (kind MB_T_HEAD, flagged by cfg->tied). */
 int mb_config_expected(const struct mb_config *c, struct mb_expect **out, int *n);
+/* How many tensors mb_config_expected lists (the head included), without allocating; -1 outside the
+ * parser's limits. mb_model_open compares it with the checkpoint before allocating the list. */
+int64_t mb_config_n_expected(const struct mb_config *c);
 
 /* A model on disk: config + checkpoint, checked against each other. */
 struct mb_model {
@@ -255,13 +262,17 @@ int mb_tokenize_file(const struct mb_tokenizer *t, const char *path, int bos, in
 
 /* Read documents from a .txt, .jsonl (field `field`, default "text"), their .gz versions, or a directory
  * of such files (sorted by name). Calls cb(doc, len, user) per document: a .txt file is one document, a
- * .jsonl line is one. Invalid UTF-8 and malformed JSON lines are errors naming file and line. */
+ * .jsonl line is one. Invalid UTF-8 and malformed JSON lines are errors naming file and line; a truncated
+ * or corrupt .gz, a read error, a FIFO / device / directory where a file is expected (never opened in a
+ * blocking way), and more than 2 GiB of text in one file are errors naming the file. */
 typedef int (*mb_doc_cb)(const char *doc, size_t len, void *user);
 int mb_dataset_read(const char *path, const char *field, mb_doc_cb cb, void *user);
 
 /* Calibration rows: rows x length token ids (row-major), contiguous slices of the tokenized dataset
  * (documents joined by "\n\n"), chosen with a seeded generator; bos != 0 puts BOS first in every row.
- * Fails when the text has fewer than length tokens. */
+ * Fails when the text has fewer than length tokens, or (MB_ERANGE) when rows x length exceeds
+ * MB_CALIB_MAX_TOKENS. */
+#define MB_CALIB_MAX_TOKENS ((size_t)1 << 31)
 int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *field, int64_t rows,
                   int64_t length, int bos, uint64_t seed, int32_t **out);
 

@@ -31,7 +31,7 @@ int mb_dtype_parse(const char *s, enum mb_dtype *out) {
 
 /* ---- conversion ---- */
 int mb_tensor_slice_to_f32(const struct mb_tensor_info *t, int64_t start, int64_t count, float *out) {
-    if (start < 0 || count < 0 || start + count > t->numel)
+    if (start < 0 || count < 0 || start > t->numel || count > t->numel - start)
         return mb_fail(MB_ERANGE, "%s: slice [%lld, +%lld) outside %lld elements", t->name, (long long)start,
                        (long long)count, (long long)t->numel);
     const uint8_t *p = (const uint8_t *)t->data + (size_t)start * mb_dtype_size(t->dtype);
@@ -165,7 +165,11 @@ int mb_st_parse(const char *name, const uint8_t *buf, size_t size, struct mb_st_
             int64_t dim;
             if (!json_nonneg(json_array_get(js, d), &dim)) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: shape[%zu] is not a non-negative integer", name, key, d); goto fail; }
             t->shape[d] = dim;
-            if (!mb_mul_ok(numel, (size_t)dim, &numel) || numel > (size_t)INT64_MAX) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: element count overflows", name, key); goto fail; }
+        }
+        {
+            char what[300];
+            snprintf(what, sizeof what, "%s: tensor %s: element count", name, key);
+            if (mb_size_mul_n(&numel, (size_t)INT64_MAX, what, t->shape, t->ndim)) { rc = MB_EFORMAT; goto fail; }
         }
         t->numel = (int64_t)numel;
         int64_t b, e;
@@ -173,7 +177,11 @@ int mb_st_parse(const char *name, const uint8_t *buf, size_t size, struct mb_st_
         if (b > e) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: data_offsets begin %lld > end %lld", name, key, (long long)b, (long long)e); goto fail; }
         if ((uint64_t)e > f->data_size) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: data_offsets end %lld beyond the data area (%zu bytes)", name, key, (long long)e, f->data_size); goto fail; }
         size_t nbytes;
-        if (!mb_mul_ok(numel, mb_dtype_size(t->dtype), &nbytes)) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: byte size overflows", name, key); goto fail; }
+        {
+            char what[300];
+            snprintf(what, sizeof what, "%s: tensor %s: byte size", name, key);
+            if (mb_size_mul(&nbytes, (size_t)INT64_MAX, what, t->numel, mb_dtype_size(t->dtype))) { rc = MB_EFORMAT; goto fail; }
+        }
         if (nbytes != (size_t)(e - b)) { rc = mb_fail(MB_EFORMAT, "%s: tensor %s: %lld bytes in data_offsets but shape and dtype %s need %zu", name, key, (long long)(e - b), mb_dtype_name(t->dtype), nbytes); goto fail; }
         t->offset = (size_t)b;
         t->nbytes = nbytes;
@@ -207,12 +215,10 @@ fail:
 
 int mb_st_open(const char *path, struct mb_st_file **out) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return mb_fail(MB_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) { close(fd); return mb_fail(MB_EIO, "%s: stat: %s", path, strerror(errno)); }
-    if (!S_ISREG(st.st_mode)) { close(fd); return mb_fail(MB_EIO, "%s: not a regular file", path); }
-    size_t size = (size_t)st.st_size;
+    int fd;
+    size_t size;
+    int rc0 = mb_open_regular(path, &fd, &size); /* FIFOs, devices, directories: refused, never blocking */
+    if (rc0) return rc0;
     if (size < 8) { close(fd); return mb_fail(MB_EFORMAT, "%s: file too short for a safetensors header (%zu bytes)", path, size); }
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
@@ -263,9 +269,10 @@ static int set_add(struct mb_st_set *s, const char *path) {
 }
 
 static int set_index(struct mb_st_set *s) {
-    int total = 0;
+    int64_t total = 0;
     for (int i = 0; i < s->n_files; i++) total += s->files[i]->n;
-    s->sorted = malloc((total ? total : 1) * sizeof *s->sorted);
+    if (total > INT32_MAX) return mb_fail(MB_ERANGE, "%s: %lld tensors, more than the reader handles", s->path, (long long)total);
+    s->sorted = malloc((size_t)(total ? total : 1) * sizeof *s->sorted);
     if (!s->sorted) return mb_fail(MB_ENOMEM, "%s: out of memory", s->path);
     s->n = 0;
     for (int i = 0; i < s->n_files; i++)
@@ -337,6 +344,9 @@ static int open_index(struct mb_st_set *s, const char *index_path) {
     return rc;
 }
 
+/* any directory entry at all (FIFOs included: they are then refused by mb_open_regular, not skipped) */
+static int exists(const char *p) { return access(p, F_OK) == 0; }
+
 static int ends_with(const char *s, const char *suf) {
     size_t a = strlen(s), b = strlen(suf);
     return a >= b && strcmp(s + a - b, suf) == 0;
@@ -348,10 +358,12 @@ int mb_st_set_open(const char *path, struct mb_st_set **out) {
     if (!s || !(s->path = strdup(path))) { free(s); return mb_fail(MB_ENOMEM, "out of memory"); }
     int rc = 0;
     char p[4096];
-    if (mb_is_dir(path)) {
-        if (!(rc = mb_path_join(p, sizeof p, path, "model.safetensors.index.json")) && mb_file_exists(p)) {
+    if (!exists(path)) {
+        rc = mb_fail(MB_EIO, "%s: no such file or directory", path);
+    } else if (mb_is_dir(path)) {
+        if (!(rc = mb_path_join(p, sizeof p, path, "model.safetensors.index.json")) && exists(p)) {
             rc = open_index(s, p);
-        } else if (!rc && !(rc = mb_path_join(p, sizeof p, path, "model.safetensors")) && mb_file_exists(p)) {
+        } else if (!rc && !(rc = mb_path_join(p, sizeof p, path, "model.safetensors")) && exists(p)) {
             rc = set_add(s, p);
             if (!rc) rc = set_index(s);
         } else if (!rc) {
@@ -360,13 +372,16 @@ int mb_st_set_open(const char *path, struct mb_st_set **out) {
             char **names = NULL;
             size_t nn = 0;
             struct dirent *de;
+            errno = 0;
             while ((de = readdir(d))) {
                 if (!ends_with(de->d_name, ".safetensors")) continue;
                 char **nb = realloc(names, (nn + 1) * sizeof *nb);
                 if (!nb || !(nb[nn] = strdup(de->d_name))) { names = nb ? nb : names; rc = mb_fail(MB_ENOMEM, "out of memory"); break; }
                 names = nb;
                 nn++;
+                errno = 0;
             }
+            if (!rc && errno) rc = mb_fail(MB_EIO, "%s: reading the directory: %s", path, strerror(errno));
             closedir(d);
             if (!rc && nn == 0) {
                 char bin[4096];
@@ -476,28 +491,43 @@ static int write_file(const char *path, const struct mb_st_entry *const *e, int 
     return mb_atomic_commit(&af);
 }
 
-static const struct mb_st_entry **sorted_entries(const struct mb_st_entry *e, int n) {
-    const struct mb_st_entry **s = malloc((n ? n : 1) * sizeof *s);
-    if (!s) { mb_fail(MB_ENOMEM, "out of memory"); return NULL; }
+/* entries sorted by name, after checking every rank and byte size (entry_bytes is then safe) */
+static int sorted_entries(const char *path, const struct mb_st_entry *e, int n, const struct mb_st_entry ***out) {
+    *out = NULL;
+    for (int i = 0; i < n; i++) {
+        size_t nb;
+        char what[300];
+        int rc;
+        if (e[i].ndim < 0 || e[i].ndim > MB_MAX_DIMS) return mb_fail(MB_EINVAL, "%s: tensor %s: bad rank %d", path, e[i].name, e[i].ndim);
+        snprintf(what, sizeof what, "%s: tensor %s: byte size", path, e[i].name);
+        if ((rc = mb_size_mul_n(&nb, (size_t)INT64_MAX, what, e[i].shape, e[i].ndim)) ||
+            (rc = mb_size_mul(&nb, (size_t)INT64_MAX, what, (int64_t)nb, mb_dtype_size(e[i].dtype))))
+            return rc;
+    }
+    const struct mb_st_entry **s = malloc((n > 0 ? (size_t)n : 1) * sizeof *s);
+    if (!s) return mb_fail(MB_ENOMEM, "out of memory");
     for (int i = 0; i < n; i++) s[i] = &e[i];
     qsort(s, n, sizeof *s, cmp_entry_ptr);
-    return s;
+    *out = s;
+    return 0;
 }
 
 int mb_st_write(const char *path, const struct mb_st_entry *e, int n, const char *const *meta_kv, int n_meta) {
-    const struct mb_st_entry **s = sorted_entries(e, n);
-    if (!s) return MB_ENOMEM;
-    int rc = write_file(path, s, n, meta_kv, n_meta);
+    const struct mb_st_entry **s;
+    int rc = sorted_entries(path, e, n, &s);
+    if (rc) return rc;
+    rc = write_file(path, s, n, meta_kv, n_meta);
     free(s);
     return rc;
 }
 
 int mb_st_write_sharded(const char *dir, const char *base, const struct mb_st_entry *e, int n,
                         const char *const *meta_kv, int n_meta, size_t max_shard_bytes, int *n_shards_out) {
-    const struct mb_st_entry **s = sorted_entries(e, n);
-    if (!s) return MB_ENOMEM;
+    const struct mb_st_entry **s;
+    int rc = sorted_entries(dir, e, n, &s);
+    if (rc) return rc;
     /* assign shards greedily in name order */
-    int *shard = malloc((n ? n : 1) * sizeof *shard), ns = 1, rc = 0;
+    int *shard = malloc((n > 0 ? (size_t)n : 1) * sizeof *shard), ns = 1;
     size_t cur = 0, total = 0;
     if (!shard) { free(s); return mb_fail(MB_ENOMEM, "out of memory"); }
     for (int i = 0; i < n; i++) {

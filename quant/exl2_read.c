@@ -4,28 +4,23 @@
 
 #include "quant.h"
 
+/* Summary of one layer from the one EXL2 structure validator (mb_exl2_from_set -> mb_exl2_validate): a
+ * layer that fails any structural rule is an error naming the tensor, never a table of nonsense bits. */
 static int summarize_one(const struct mb_st_set *st, const char *mod, int64_t K, int64_t N, struct mb_exl2_summary *s) {
-    char nm[192];
-    const struct mb_tensor_info *qw, *qg, *bias;
-    int rc;
-    snprintf(nm, sizeof nm, "%s.q_weight", mod);
-    if ((rc = mb_st_get(st, nm, &qw))) return rc;
-    snprintf(nm, sizeof nm, "%s.q_groups", mod);
-    if ((rc = mb_st_get(st, nm, &qg))) return rc;
-    snprintf(nm, sizeof nm, "%s.bias", mod);
-    bias = mb_st_find(st, nm);
-    int64_t G = qg->shape[0] / 2, Np = qw->shape[1], packed_rows = qw->shape[0];
-    const int16_t *g = qg->data;
+    struct mb_exl2_layer L;
+    int rc = mb_exl2_from_set(st, mod, N, K, &L);
+    if (rc) return rc;
     int64_t rows_by_bits[9] = {0};
-    for (int64_t i = 0; i < G; i++) {
-        int16_t b, off, next;
-        memcpy(&b, g + 2 * i, 2);
-        memcpy(&off, g + 2 * i + 1, 2);
-        if (i + 1 < G) memcpy(&next, g + 2 * i + 3, 2); else next = (int16_t)packed_rows;
-        if (b < 1 || b > 8 || next < off) return mb_fail(MB_EFORMAT, "%s: %s.q_groups: bad group %lld (bits %d, offset %d)", st->path, mod, (long long)i, b, off);
-        rows_by_bits[b] += (int64_t)((uint16_t)next - (uint16_t)off) * 32 / b;
+    for (int64_t g = 0; g < L.G; g++) { /* validated: widths in {2..8}, offsets increasing inside q_weight */
+        int16_t b, off;
+        memcpy(&b, (const char *)L.q_groups + 4 * g, 2);
+        memcpy(&off, (const char *)L.q_groups + 4 * g + 2, 2);
+        int64_t next = L.P;
+        if (g + 1 < L.G) { int16_t nx; memcpy(&nx, (const char *)L.q_groups + 4 * (g + 1) + 2, 2); next = (uint16_t)nx; }
+        rows_by_bits[b] += (next - (uint16_t)off) * 32 / b;
     }
-    double bits = (double)packed_rows * 32 * Np + G * 16.0 + G * 32.0 + (double)G * Np * 4 + K * 32.0 + (bias ? 16.0 * Np : 0);
+    /* storage bits: the format doc's formula (q_weight, q_scale_max, q_groups, q_scale, q_invperm, bias) */
+    double bits = (double)L.P * 32 * L.Np + L.G * 16.0 + L.G * 32.0 + (double)L.G * L.Np * 4 + L.Kp * 32.0 + (L.bias ? 16.0 * L.Np : 0);
     snprintf(s->name, sizeof s->name, "%s", mod);
     s->K = K;
     s->N = N;
@@ -33,8 +28,8 @@ static int summarize_one(const struct mb_st_set *st, const char *mod, int64_t K,
     size_t k = 0;
     s->bits_desc[0] = 0;
     int64_t tot = 0;
-    for (int b = 8; b >= 1; b--) tot += rows_by_bits[b];
-    for (int b = 8; b >= 1; b--)
+    for (int b = 8; b >= 2; b--) tot += rows_by_bits[b];
+    for (int b = 8; b >= 2; b--)
         if (rows_by_bits[b] && k < sizeof s->bits_desc)
             k += snprintf(s->bits_desc + k, sizeof s->bits_desc - k, "%s%db %.0f%%", k ? ", " : "", b, 100.0 * rows_by_bits[b] / (tot ? tot : 1));
     return 0;

@@ -83,6 +83,58 @@ void mb_module_name(const struct mb_config *c, int m, char *buf, size_t n);
 void mb_linear_name(const struct mb_config *c, int layer, int p, int expert, char *buf, size_t n);
 
 /* ------------------------------------------------------------------------------------------------ */
+/* measurement.json: per-module accuracy of every option (the reference converter's layout, which      */
+/* mixbit convert also writes)                                                                       */
+/*
+ * { "measurement": {
+ *     "model.layers.0.self_attn": [                       one entry per option row of the table
+ *       { "accuracy": 0.9731, "total_bits": 1234567,
+ *         "q_proj": { "group_size": {"3": 64, "2": 64}, "bits": [3, 2], "bits_prop": [0.05, 0.95],
+ *                     "scale_bits": 4 },
+ *         "k_proj": {...}, "v_proj": {...}, "o_proj": {...} }, ... ],
+ *     "model.layers.0.mlp": [ { ..., "gate_proj": {...}, "up_proj": {...}, "down_proj": {...} }, ... ],
+ *     "model.layers.0.block_sparse_moe": [ { ..., "w1": {...}, "w3": {...}, "w2": {...} }, ... ],
+ *     "model.norm.norm": null, "lm_head.linear": null },  unmeasured modules: skipped
+ *   "last_module_idx": 11 }
+ *
+ * Checked: accuracy finite in [0, 1]; total_bits a positive integer; each projection's bits (2..8,
+ * descending, at most MB_QS_MAX parts), bits_prop (shares in (0, 1] summing to 1), group_size (an object
+ * keyed by width, a list, or one integer; multiples of 32) and scale_bits (4); the projections of every
+ * option match the module's kind (.self_attn: q/k/v/o; .mlp: gate/up/down or up/down;
+ * .block_sparse_moe: w1/w3/w2) and agree across its options; at most 65536 modules of 1..1024 options,
+ * 64 MiB of file. Every error is one MB_EFORMAT line naming the file, the module and the option index.
+ */
+#define MB_MEAS_MAX_PROJ 4
+struct mb_meas_option {
+    double accuracy;                    /* in [0, 1] */
+    int64_t total_bits;                 /* > 0: exact storage bits of the module with this option */
+    int n_proj;
+    char proj[MB_MEAS_MAX_PROJ][16];    /* "q_proj", ... in the order q k v o gate up down w1 w3 w2 */
+    char setting[MB_MEAS_MAX_PROJ][96]; /* mb_qsetting_str form, e.g. "0.05:3b_64g/0.95:2b_64g" */
+    struct mb_qsetting q[MB_MEAS_MAX_PROJ]; /* the same, parsed (exact shares) */
+};
+struct mb_meas_module {
+    char name[128];                     /* "model.layers.0.self_attn" */
+    int n_opts;
+    struct mb_meas_option *opts;        /* [n_opts], in file order (option index = table row) */
+};
+struct mb_measurement {
+    int n_modules;
+    struct mb_meas_module *modules;     /* sorted by name (mb_measurement_find) */
+    int64_t last_module_idx;            /* -1 when absent */
+};
+/* Read and validate a measurement.json (a regular file, at most 64 MiB). *out is owned by the caller
+ * (mb_measurement_free). */
+int mb_measurement_load(const char *path, struct mb_measurement **out);
+/* The same from text in memory; `name` is used in messages. */
+int mb_measurement_parse(const char *name, const char *text, size_t len, struct mb_measurement **out);
+void mb_measurement_free(struct mb_measurement *m);
+/* A module by name, NULL when the file has none. Valid while m lives. */
+const struct mb_meas_module *mb_measurement_find(const struct mb_measurement *m, const char *module);
+/* An option's setting string for a projection key ("q_proj", "w2", ...), NULL when absent. */
+const char *mb_meas_option_setting(const struct mb_meas_option *o, const char *proj);
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Hessians                                                                                         */
 
 /* H = sum over calibration rows of x^T x (K x K, f64, upper triangle kept), with the row count, in the memory

@@ -1,9 +1,14 @@
 /* tests/test_formats.c: safetensors reader/writer, malformed-file suite, config.json and model checks,
- * the inspect command's exit codes. */
+ * the inspect command's exit codes; hostile inputs: every config field, configs that imply more than the
+ * checkpoint holds, duplicated shards, FIFOs and devices where files are expected, truncated .gz texts. */
+#include <jansson.h>
+#include <signal.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "../formats/formats.h"
 #include "harness.h"
@@ -389,6 +394,403 @@ static void test_cli_usage(void) {
     CHECK_EQ(run_cmd(cmd, err, sizeof err), 0);
 }
 
+/* ---- config.json: every field the parser reads, one bad value at a time ---- */
+
+/* base config with `key` set to the JSON value `val` (val NULL: key removed); rope_scaling keys are
+ * given as "rope_scaling.KEY" and quantization_config keys as "quantization_config.KEY" */
+static int parse_with(const char *base, const char *key, const char *val, struct mb_config *c) {
+    json_error_t je;
+    json_t *root = json_loads(base, 0, &je), *obj = root;
+    if (!root) { fprintf(stderr, "bad base config: %s\n", je.text); return -100; }
+    char k[128];
+    snprintf(k, sizeof k, "%s", key);
+    char *dot = strchr(k, '.');
+    if (dot) {
+        *dot = 0;
+        obj = json_object_get(root, k);
+        if (!json_is_object(obj)) { obj = json_object(); json_object_set_new(root, k, obj); }
+        memmove(k, dot + 1, strlen(dot + 1) + 1);
+    }
+    if (val) {
+        json_t *v = json_loads(val, JSON_DECODE_ANY, &je);
+        if (!v) { fprintf(stderr, "bad value %s: %s\n", val, je.text); json_decref(root); return -100; }
+        json_object_set_new(obj, k, v);
+    } else {
+        json_object_del(obj, k);
+    }
+    char *text = json_dumps(root, 0);
+    json_decref(root);
+    int rc = mb_config_parse("cfgfile.json", text, strlen(text), c);
+    free(text);
+    return rc;
+}
+
+static const char *CFG_LLAMA = "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 64, \"num_hidden_layers\": 2, \"num_attention_heads\": 4,"
+                               " \"num_key_value_heads\": 2, \"intermediate_size\": 128, \"vocab_size\": 100, \"max_position_embeddings\": 8192,"
+                               " \"rms_norm_eps\": 1e-5, \"rope_theta\": 500000.0, \"tie_word_embeddings\": false, \"bos_token_id\": 1,"
+                               " \"eos_token_id\": [2, 3], \"hidden_act\": \"silu\", \"attention_bias\": false,"
+                               " \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0,"
+                               " \"original_max_position_embeddings\": 8192}}";
+static const char *CFG_MIXTRAL = "{\"architectures\": [\"MixtralForCausalLM\"], \"hidden_size\": 64, \"num_hidden_layers\": 2, \"num_attention_heads\": 4,"
+                                 " \"intermediate_size\": 128, \"vocab_size\": 100, \"num_local_experts\": 4, \"num_experts_per_tok\": 2,"
+                                 " \"sliding_window\": null}";
+
+static void test_config_fields(void) {
+    struct mb_config c;
+    CHECK_MSG(parse_with(CFG_LLAMA, "hidden_act", "\"silu\"", &c) == 0, "%s", mb_errmsg());
+    CHECK_EQ(c.eos_id, 2);
+    CHECK_EQ(c.bos_id, 1);
+    CHECK_EQ(c.rope_orig_max_pos, 8192);
+    CHECK_MSG(parse_with(CFG_MIXTRAL, "sliding_window", "4096", &c) == 0, "%s", mb_errmsg());
+    CHECK_EQ(c.sliding_window, 4096);
+    CHECK_MSG(parse_with(CFG_MIXTRAL, "sliding_window", "null", &c) == 0, "%s", mb_errmsg());
+    CHECK_EQ(c.sliding_window, 0);
+    CHECK_MSG(parse_with(CFG_LLAMA, "rope_scaling", "null", &c) == 0, "%s", mb_errmsg());
+    CHECK_EQ(c.rope_type, MB_ROPE_DEFAULT);
+
+    static const struct { int mixtral; const char *key, *val, *field; } bad[] = {
+        {0, "max_position_embeddings", "0", "max_position_embeddings"},
+        {0, "max_position_embeddings", "1", "max_position_embeddings"},
+        {0, "max_position_embeddings", "-4096", "max_position_embeddings"},
+        {0, "max_position_embeddings", "\"4096\"", "max_position_embeddings"},
+        {0, "max_position_embeddings", "4096.0", "max_position_embeddings"},
+        {0, "max_position_embeddings", "99999999999", "max_position_embeddings"},
+        {0, "rms_norm_eps", "-1e-6", "rms_norm_eps"},
+        {0, "rms_norm_eps", "0", "rms_norm_eps"},
+        {0, "rms_norm_eps", "1.0", "rms_norm_eps"},
+        {0, "rms_norm_eps", "\"1e-6\"", "rms_norm_eps"},
+        {0, "rope_theta", "0", "rope_theta"},
+        {0, "rope_theta", "-10000", "rope_theta"},
+        {0, "rope_theta", "1", "rope_theta"},
+        {0, "rope_theta", "1e30", "rope_theta"},
+        {0, "rope_theta", "[10000]", "rope_theta"},
+        {0, "architectures", "\"LlamaForCausalLM\"", "architectures"},
+        {0, "architectures", "[]", "architectures"},
+        {0, "architectures", "[5]", "architectures"},
+        {0, "architectures", "{\"LlamaForCausalLM\": 1}", "architectures"},
+        {0, "architectures", "[\"LlamaForCausalLM\", null]", "architectures"},
+        {0, "rope_scaling", "\"linear\"", "rope_scaling"},
+        {0, "rope_scaling", "{}", "rope_type"},
+        {0, "rope_scaling.rope_type", "5", "rope_scaling.rope_type"},
+        {0, "rope_scaling.factor", "0.5", "rope_scaling.factor"},
+        {0, "rope_scaling.factor", "-8", "rope_scaling.factor"},
+        {0, "rope_scaling.factor", "\"8\"", "rope_scaling.factor"},
+        {0, "rope_scaling.factor", "100000", "rope_scaling.factor"},
+        {0, "rope_scaling.factor", NULL, "rope_scaling.factor"},
+        {0, "rope_scaling.low_freq_factor", "0", "rope_scaling.low_freq_factor"},
+        {0, "rope_scaling.low_freq_factor", NULL, "rope_scaling.low_freq_factor"},
+        {0, "rope_scaling.high_freq_factor", "0.5", "high_freq_factor"},
+        {0, "rope_scaling.high_freq_factor", "true", "rope_scaling.high_freq_factor"},
+        {0, "rope_scaling.original_max_position_embeddings", "0", "rope_scaling.original_max_position_embeddings"},
+        {0, "rope_scaling.original_max_position_embeddings", "8192.5", "rope_scaling.original_max_position_embeddings"},
+        {0, "rope_scaling.original_max_position_embeddings", NULL, "rope_scaling.original_max_position_embeddings"},
+        {1, "sliding_window", "-1", "sliding_window"},
+        {1, "sliding_window", "99999999999", "sliding_window"},
+        {1, "sliding_window", "\"4096\"", "sliding_window"},
+        {0, "head_dim", "3", "head_dim"},
+        {0, "head_dim", "0", "head_dim"},
+        {0, "head_dim", "128", "head_dim"}, /* > hidden 64 */
+        {0, "head_dim", "\"16\"", "head_dim"},
+        {0, "num_attention_heads", "6", "hidden_size"}, /* 64 / 6 without head_dim */
+        {0, "num_key_value_heads", "0", "num_key_value_heads"},
+        {0, "num_key_value_heads", "8", "num_key_value_heads"},
+        {0, "num_key_value_heads", "3", "num_key_value_heads"},
+        {0, "hidden_size", "\"64\"", "hidden_size"},
+        {0, "hidden_size", "64.0", "hidden_size"},
+        {0, "hidden_size", "-64", "hidden_size"},
+        {0, "vocab_size", "0", "vocab_size"},
+        {0, "num_hidden_layers", "0", "num_hidden_layers"},
+        {0, "intermediate_size", "true", "intermediate_size"},
+        {1, "num_local_experts", "0", "num_local_experts"},
+        {1, "num_local_experts", "2000", "num_local_experts"},
+        {1, "num_local_experts", "\"4\"", "num_local_experts"},
+        {1, "num_experts_per_tok", "5", "num_experts_per_tok"},
+        {1, "num_experts_per_tok", "0", "num_experts_per_tok"},
+        {1, "num_experts_per_tok", NULL, "num_experts_per_tok"},
+        {0, "bos_token_id", "100", "bos_token_id"},
+        {0, "bos_token_id", "-2", "bos_token_id"},
+        {0, "bos_token_id", "\"1\"", "bos_token_id"},
+        {0, "eos_token_id", "[2, 100]", "eos_token_id"},
+        {0, "eos_token_id", "[]", "eos_token_id"},
+        {0, "eos_token_id", "\"2\"", "eos_token_id"},
+        {0, "eos_token_id", "-1", "eos_token_id"},
+        {0, "tie_word_embeddings", "\"true\"", "tie_word_embeddings"},
+        {0, "tie_word_embeddings", "1", "tie_word_embeddings"},
+        {0, "attention_bias", "\"no\"", "attention_bias"},
+        {0, "mlp_bias", "0", "mlp_bias"},
+        {0, "hidden_act", "5", "hidden_act"},
+        {0, "quantization_config", "\"exl2\"", "quantization_config"},
+        {0, "quantization_config.quant_method", "5", "quantization_config.quant_method"},
+        {0, "quantization_config.bits", "-1", "quantization_config.bits"},
+        {0, "quantization_config.head_bits", "7", "quantization_config.head_bits"},
+    };
+    /* a real that overflows is invalid JSON (jansson), never a silent inf */
+    const char *inf = "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 64, \"num_hidden_layers\": 2, \"num_attention_heads\": 4,"
+                      " \"intermediate_size\": 128, \"vocab_size\": 100, \"rms_norm_eps\": 1e999}";
+    CHECK_EQ(mb_config_parse("cfgfile.json", inf, strlen(inf), &c), MB_EFORMAT);
+    CHECK_MSG(strstr(mb_errmsg(), "cfgfile.json"), "%s", mb_errmsg());
+    int n = (int)(sizeof bad / sizeof *bad);
+    for (int i = 0; i < n; i++) {
+        int rc = parse_with(bad[i].mixtral ? CFG_MIXTRAL : CFG_LLAMA, bad[i].key, bad[i].val, &c);
+        if (!strncmp(bad[i].key, "quantization_config.", 20) && rc == MB_EUNSUPPORTED && strcmp(bad[i].key, "quantization_config.quant_method")) {
+            /* the keys after quant_method need an exl2 config: add it */
+            char base[2048];
+            snprintf(base, sizeof base, "%.*s, \"quantization_config\": {\"quant_method\": \"exl2\"}}", (int)strlen(CFG_LLAMA) - 1, CFG_LLAMA);
+            rc = parse_with(base, bad[i].key, bad[i].val, &c);
+        }
+        CHECK_MSG(rc == MB_EFORMAT, "case %d (%s = %s): rc %d: %s", i, bad[i].key, bad[i].val ? bad[i].val : "(removed)", rc, mb_errmsg());
+        CHECK_MSG(strstr(mb_errmsg(), "cfgfile.json") && strstr(mb_errmsg(), bad[i].field), "case %d (%s = %s): message does not name the file and field: %s",
+                  i, bad[i].key, bad[i].val ? bad[i].val : "(removed)", mb_errmsg());
+        CHECK_MSG(!strchr(mb_errmsg(), '\n'), "case %d: not one line", i);
+    }
+}
+
+/* a tiny config.json that describes a huge model must be refused against the checkpoint before anything
+ * proportional to the config is allocated (here 4096 layers x 1024 experts: a 2 GB tensor list) */
+static void test_config_vs_checkpoint(void) {
+    char dir[512], p[700], cmd[1024], err[4096];
+    snprintf(dir, sizeof dir, "%s/hugecfg", tmpdir);
+    mb_mkdir_p(dir);
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    write_text(p, "{\"architectures\": [\"MixtralForCausalLM\"], \"hidden_size\": 4, \"num_hidden_layers\": 4096, \"num_attention_heads\": 2,"
+                  " \"intermediate_size\": 8, \"vocab_size\": 6, \"num_local_experts\": 1024, \"num_experts_per_tok\": 2}");
+    float z[64] = {0};
+    struct mb_st_entry e[] = {
+        {"model.embed_tokens.weight", MB_F32, 2, {6, 4}, z},
+        {"model.layers.0.input_layernorm.weight", MB_F32, 1, {4}, z},
+    };
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    CHECK_EQ(mb_st_write(p, e, 2, NULL, 0), 0);
+    struct mb_model *m = NULL;
+    CHECK_EQ(mb_model_open(dir, &m), MB_EFORMAT);
+    CHECK(m == NULL);
+    CHECK_MSG(strstr(mb_errmsg(), "model.layers.0.post_attention_layernorm.weight") && strstr(mb_errmsg(), "not found"), "%s", mb_errmsg());
+    /* the CLI: exit 1, and its peak memory stays far below the 2 GB the list would take */
+    snprintf(cmd, sizeof cmd, "%s inspect %s", mixbit(), dir);
+    struct rusage before, after;
+    getrusage(RUSAGE_CHILDREN, &before);
+    CHECK_EQ(run_cmd(cmd, err, sizeof err), 1);
+    getrusage(RUSAGE_CHILDREN, &after);
+    CHECK_MSG(strstr(err, "not found"), "%s", err);
+    CHECK_MSG(after.ru_maxrss < 600 * 1024, "peak RSS of inspect %ld kB", after.ru_maxrss);
+    /* counts by hand: stories260K-sized configs report the exact number of tensors */
+    struct mb_config c;
+    CHECK_EQ(parse_with(CFG_MIXTRAL, "num_local_experts", "4", &c), 0);
+    CHECK_EQ(mb_config_n_expected(&c), 3 + 2 * (2 + 4 + 1 + 3 * 4));
+    struct mb_expect *ex = NULL;
+    int ne = 0;
+    CHECK_EQ(mb_config_expected(&c, &ex, &ne), 0);
+    CHECK_EQ(ne, mb_config_n_expected(&c));
+    if (ex) {
+        CHECK_STR(ex[0].name, "model.embed_tokens.weight");
+        CHECK_STR(ex[8].name, "model.layers.0.block_sparse_moe.experts.0.w1");
+        CHECK_EQ(ex[8].rows, 128);
+        CHECK_STR(ex[10].name, "model.layers.0.block_sparse_moe.experts.0.w2");
+        CHECK_EQ(ex[10].rows, 64);
+        CHECK_EQ(ex[10].cols, 128);
+        CHECK_EQ(ex[10].proj, MB_P_DOWN);
+        CHECK_STR(ex[ne - 2].name, "model.norm.weight");
+        CHECK_STR(ex[ne - 1].name, "lm_head");
+    }
+    free(ex);
+}
+
+/* the opener's messages for paths that are not model directories */
+static void test_model_paths(void) {
+    struct mb_model *m = NULL;
+    CHECK_EQ(mb_model_open("/nonexistent-mixbit-model", &m), MB_EIO);
+    CHECK_MSG(!strcmp(mb_errmsg(), "/nonexistent-mixbit-model: no such directory"), "%s", mb_errmsg());
+    char p[600];
+    snprintf(p, sizeof p, "%s/missing/dir", tmpdir);
+    CHECK_EQ(mb_model_open(p, &m), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), p) && strstr(mb_errmsg(), "no such directory"), "%s", mb_errmsg());
+    CHECK_EQ(mb_model_open("", &m), MB_EIO);
+    /* a directory without config.json, and a FIFO named config.json (refused, not blocking) */
+    snprintf(p, sizeof p, "%s/nocfg", tmpdir);
+    mb_mkdir_p(p);
+    CHECK_EQ(mb_model_open(p, &m), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "no config.json"), "%s", mb_errmsg());
+    char f[700];
+    snprintf(f, sizeof f, "%s/config.json", p);
+    CHECK_EQ(mkfifo(f, 0600), 0);
+    alarm(20);
+    CHECK_EQ(mb_model_open(p, &m), MB_EIO);
+    alarm(0);
+    CHECK_MSG(strstr(mb_errmsg(), f) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    CHECK(m == NULL);
+    /* inspect on that directory: refused naming the FIFO (not ignored as a missing config) */
+    char cmd[1024], err[4096];
+    float z[4] = {0};
+    struct mb_st_entry e = {"a", MB_F32, 1, {4}, z};
+    char st[760];
+    snprintf(st, sizeof st, "%s/model.safetensors", p);
+    CHECK_EQ(mb_st_write(st, &e, 1, NULL, 0), 0);
+    snprintf(cmd, sizeof cmd, "timeout 20 %s inspect %s", mixbit(), p);
+    CHECK_EQ(run_cmd(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "config.json") && strstr(err, "FIFO"), "%s", err);
+}
+
+/* ---- safetensors sets: duplicates across shards, non-regular files ---- */
+static void test_shard_sets(void) {
+    char dir[512], a[700], b[700];
+    uint8_t d[4] = {1, 2, 3, 4};
+    struct mb_st_entry e1[] = {{"x", MB_U8, 1, {4}, d}, {"y", MB_U8, 1, {4}, d}};
+    struct mb_st_entry e2[] = {{"z", MB_U8, 1, {4}, d}, {"x", MB_U8, 1, {4}, d}};
+    snprintf(dir, sizeof dir, "%s/dupshards", tmpdir);
+    mb_mkdir_p(dir);
+    snprintf(a, sizeof a, "%s/part-a.safetensors", dir);
+    snprintf(b, sizeof b, "%s/part-b.safetensors", dir);
+    CHECK_EQ(mb_st_write(a, e1, 2, NULL, 0), 0);
+    CHECK_EQ(mb_st_write(b, e2, 2, NULL, 0), 0);
+    struct mb_st_set *s = NULL;
+    /* no index: every *.safetensors is globbed; x in both is refused naming both files */
+    CHECK_EQ(mb_st_set_open(dir, &s), MB_EFORMAT);
+    CHECK(s == NULL);
+    CHECK_MSG(strstr(mb_errmsg(), "tensor x") && strstr(mb_errmsg(), "part-a.safetensors") && strstr(mb_errmsg(), "part-b.safetensors"), "%s", mb_errmsg());
+    /* the CLI says the same, exit 1 */
+    char cmd[1024], err[4096];
+    snprintf(cmd, sizeof cmd, "%s inspect %s", mixbit(), dir);
+    CHECK_EQ(run_cmd(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "part-a.safetensors") && strstr(err, "part-b.safetensors"), "%s", err);
+    /* without the duplicate the set opens */
+    e2[1].name = "w";
+    CHECK_EQ(mb_st_write(b, e2, 2, NULL, 0), 0);
+    CHECK_MSG(mb_st_set_open(dir, &s) == 0, "%s", mb_errmsg());
+    if (s) CHECK_EQ(s->n, 4);
+    mb_st_set_close(s);
+    s = NULL;
+    /* a FIFO among the shards, as the single shard, as the index: refused naming it, never blocking */
+    alarm(20);
+    char fifo[700];
+    snprintf(fifo, sizeof fifo, "%s/part-c.safetensors", dir);
+    CHECK_EQ(mkfifo(fifo, 0600), 0);
+    CHECK_EQ(mb_st_set_open(dir, &s), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), fifo) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    CHECK_EQ(mb_st_set_open(fifo, &s), MB_EIO);
+    struct mb_st_file *sf = NULL;
+    CHECK_EQ(mb_st_open(fifo, &sf), MB_EIO);
+    unlink(fifo);
+    snprintf(fifo, sizeof fifo, "%s/sub.safetensors", dir); /* a directory with the suffix */
+    CHECK_EQ(mkdir(fifo, 0700), 0);
+    CHECK_EQ(mb_st_set_open(dir, &s), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "directory"), "%s", mb_errmsg());
+    rmdir(fifo);
+    char one[512];
+    snprintf(one, sizeof one, "%s/onefifo", tmpdir);
+    mb_mkdir_p(one);
+    snprintf(fifo, sizeof fifo, "%s/model.safetensors", one);
+    CHECK_EQ(mkfifo(fifo, 0600), 0);
+    CHECK_EQ(mb_st_set_open(one, &s), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    snprintf(fifo, sizeof fifo, "%s/model.safetensors.index.json", one);
+    CHECK_EQ(mkfifo(fifo, 0600), 0);
+    CHECK_EQ(mb_st_set_open(one, &s), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), fifo) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    alarm(0);
+    CHECK(s == NULL);
+    /* a missing path */
+    snprintf(fifo, sizeof fifo, "%s/none.safetensors", tmpdir);
+    CHECK_EQ(mb_st_set_open(fifo, &s), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "no such file"), "%s", mb_errmsg());
+}
+
+/* ---- datasets: truncated and corrupt .gz, FIFOs and devices, directories ---- */
+struct docs { int n; size_t bytes; };
+static int count_docs(const char *doc, size_t len, void *user) {
+    struct docs *d = user;
+    (void)doc;
+    d->n++;
+    d->bytes += len;
+    return 0;
+}
+
+static void write_gz(const char *path, const char *text, size_t len) {
+    gzFile g = gzopen(path, "wb");
+    gzwrite(g, text, (unsigned)len);
+    gzclose(g);
+}
+
+static void test_dataset_inputs(void) {
+    char dir[512], p[700], q[700];
+    snprintf(dir, sizeof dir, "%s/data", tmpdir);
+    mb_mkdir_p(dir);
+    /* 200 kB of varied text so that a cut lands inside the deflate stream */
+    size_t n = 200000;
+    char *text = malloc(n);
+    struct mb_rng g = {7};
+    for (size_t i = 0; i < n; i++) text[i] = (char)("abcdefghij klmnop\n"[mb_rng_next(&g) % 18]);
+    snprintf(p, sizeof p, "%s/full.txt.gz", dir);
+    write_gz(p, text, n);
+    struct docs d = {0};
+    CHECK_MSG(mb_dataset_read(p, NULL, count_docs, &d) == 0, "%s", mb_errmsg());
+    CHECK_EQ(d.n, 1);
+    CHECK_EQ(d.bytes, n);
+    /* truncated: half the file, and only the 8-byte trailer missing */
+    char *gz;
+    size_t gzlen;
+    CHECK_EQ(mb_read_file(p, &gz, &gzlen, 0), 0);
+    size_t cuts[3] = {gzlen / 2, gzlen - 8, gzlen - 1};
+    for (int k = 0; k < 3; k++) {
+        snprintf(q, sizeof q, "%s/cut%d.txt.gz", tmpdir, k);
+        CHECK_EQ(mb_write_file_atomic(q, gz, cuts[k]), 0);
+        memset(&d, 0, sizeof d);
+        int rc = mb_dataset_read(q, NULL, count_docs, &d);
+        CHECK_MSG(rc == MB_EFORMAT, "cut at %zu of %zu: rc %d, %d docs of %zu bytes", cuts[k], gzlen, rc, d.n, d.bytes);
+        CHECK_MSG(strstr(mb_errmsg(), q) && strstr(mb_errmsg(), "truncated"), "%s", mb_errmsg());
+        CHECK_EQ(d.n, 0); /* nothing of a truncated file reaches the caller */
+    }
+    /* corrupt: a flipped byte in the middle of the deflate data */
+    gz[gzlen / 2] ^= 0x55;
+    snprintf(q, sizeof q, "%s/corrupt.txt.gz", tmpdir);
+    CHECK_EQ(mb_write_file_atomic(q, gz, gzlen), 0);
+    CHECK(mb_dataset_read(q, NULL, count_docs, &d) != 0);
+    CHECK_MSG(strstr(mb_errmsg(), q), "%s", mb_errmsg());
+    free(gz);
+    free(text);
+    /* a FIFO as the text, inside the directory; /dev/zero; a directory with a text suffix */
+    alarm(20);
+    snprintf(q, sizeof q, "%s/b-fifo.txt", dir);
+    CHECK_EQ(mkfifo(q, 0600), 0);
+    CHECK_EQ(mb_dataset_read(q, NULL, count_docs, &d), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), q) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    CHECK_EQ(mb_dataset_read(dir, NULL, count_docs, &d), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), q) && strstr(mb_errmsg(), "FIFO"), "%s", mb_errmsg());
+    CHECK_EQ(mb_dataset_read("/dev/zero", NULL, count_docs, &d), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "/dev/zero") && strstr(mb_errmsg(), "device"), "%s", mb_errmsg());
+    alarm(0);
+    unlink(q);
+    snprintf(q, sizeof q, "%s/c-dir.jsonl", dir);
+    CHECK_EQ(mkdir(q, 0700), 0);
+    CHECK_EQ(mb_dataset_read(dir, NULL, count_docs, &d), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), q) && strstr(mb_errmsg(), "directory"), "%s", mb_errmsg());
+    rmdir(q);
+    memset(&d, 0, sizeof d);
+    CHECK_MSG(mb_dataset_read(dir, NULL, count_docs, &d) == 0, "%s", mb_errmsg());
+    CHECK_EQ(d.n, 1);
+    snprintf(q, sizeof q, "%s/nothing.txt", tmpdir);
+    CHECK_EQ(mb_dataset_read(q, NULL, count_docs, &d), MB_EIO);
+    CHECK_MSG(strstr(mb_errmsg(), "no such file"), "%s", mb_errmsg());
+}
+
+/* calibration rows x length beyond 2^31 tokens: refused before the text is read or anything allocated */
+static void test_calib_rows_bounds(void) {
+    char tk[512];
+    snprintf(tk, sizeof tk, "%s/models/stories260K", th_shared());
+    struct mb_tokenizer *t = NULL;
+    if (mb_tokenizer_load(tk, &t)) SKIP("tokenizer: %s", mb_errmsg());
+    int32_t *rows = (int32_t *)1;
+    CHECK_EQ(mb_calib_rows(t, "/nonexistent-text", NULL, (int64_t)1 << 40, 2048, 1, 1, &rows), MB_ERANGE);
+    CHECK(rows == NULL);
+    CHECK_MSG(strstr(mb_errmsg(), "calibration"), "%s", mb_errmsg());
+    CHECK_EQ(mb_calib_rows(t, "/nonexistent-text", NULL, INT64_MAX / 2, INT64_MAX / 2, 1, 1, &rows), MB_ERANGE);
+    CHECK_EQ(mb_calib_rows(t, "/nonexistent-text", NULL, 1 << 20, 1 << 12, 1, 1, &rows), MB_ERANGE); /* exactly 2^32 tokens */
+    char tx[512];
+    snprintf(tx, sizeof tx, "%s/text/tinystories-sample.txt", th_shared());
+    CHECK_MSG(mb_calib_rows(t, tx, NULL, 4, 32, 1, 1, &rows) == 0, "%s", mb_errmsg());
+    free(rows);
+    mb_tokenizer_free(t);
+}
+
 static void test_fp16(void) {
     /* exhaustive: every finite half converts to f32 and back unchanged */
     int bad = 0;
@@ -407,7 +809,16 @@ static void test_fp16(void) {
     CHECK_NEAR(mb_bf16_to_f32(0x4049), 3.140625, 0);
 }
 
+/* a read that blocks on a FIFO would hang the test: fail loudly instead */
+static void on_alarm(int sig) {
+    (void)sig;
+    static const char msg[] = "test_formats: blocked (a FIFO was opened in blocking mode)\n";
+    if (write(2, msg, sizeof msg - 1)) {}
+    _exit(3);
+}
+
 int main(void) {
+    signal(SIGALRM, on_alarm);
     make_tmpdir();
     RUN(test_fp16);
     RUN(test_malformed);
@@ -417,6 +828,12 @@ int main(void) {
     RUN(test_config);
     RUN(test_model_checks);
     RUN(test_cli_usage);
+    RUN(test_config_fields);
+    RUN(test_config_vs_checkpoint);
+    RUN(test_model_paths);
+    RUN(test_shard_sets);
+    RUN(test_dataset_inputs);
+    RUN(test_calib_rows_bounds);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd)) {}
