@@ -78,9 +78,11 @@ static int cmd_tokenize(int argc, char **argv) {
 static int cmd_ppl(int argc, char **argv) {
     struct mb_ppl_cmd_params p = {0};
     const struct mb_opt opts[] = {
-        {"text", MB_OPT_STR, &p.text, "FILE", "text to evaluate (.txt or .gz), tokenized whole with BOS first (required)"},
+        {"text", MB_OPT_STR, &p.text, "FILE", "text to evaluate (.txt or .gz), tokenized whole (required)"},
+        {"bos", MB_OPT_STR, &p.bos, "yes|no", "start the stream (and llamacpp chunks) with BOS (default: as the model's tokenizer does)"},
+        {"device", MB_OPT_STR, &p.device, "NAME", "auto (default: the GPU when one is usable), cuda or cpu"},
         {"convention", MB_OPT_STR, &p.convention, "NAME", "paper (default: windows of ctx, all positions scored) or llamacpp"},
-        {"ctx", MB_OPT_INT, &p.ctx, "N", "context / chunk length (default 2048 paper, 512 llamacpp)", 2, MB_CLI_MAX_CTX},
+        {"ctx", MB_OPT_INT, &p.ctx, "N", "context / chunk length (default 2048 paper, 512 llamacpp; at most the model's positions)", 2, MB_CLI_MAX_CTX},
         {"stride", MB_OPT_INT, &p.stride, "N", "paper: window stride < ctx, scoring only new tokens", 1, MB_CLI_MAX_CTX},
         {"max-tokens", MB_OPT_INT, &p.max_tokens, "N", "evaluate only the first N tokens of the stream", 1, 1099511627776.0},
         {"batch-tokens", MB_OPT_INT, &p.batch_tokens, "N", "rows per forward batch (default 4096)", 1, 16777216},
@@ -105,6 +107,14 @@ static int cmd_ppl(int argc, char **argv) {
 }
 
 /* ---- convert ---- */
+/* Ctrl-C during a conversion: say what was kept and how to continue (the state is checkpointed atomically,
+ * so stopping at any moment is safe) */
+static char g_interrupt_msg[9000];
+static void on_interrupt(int sig) {
+    ssize_t w = write(2, g_interrupt_msg, strlen(g_interrupt_msg));
+    (void)w;
+    _exit(128 + sig);
+}
 /* files shipped beside the binary (demo/), found through /proc/self/exe */
 static const char *beside_binary(const char *rel, char *buf, size_t n) {
     char exe[4096];
@@ -133,13 +143,16 @@ static int cmd_convert(int argc, char **argv) {
     const struct mb_opt opts[] = {
         {"bpw", MB_OPT_DOUBLE, &p.bpw, "B", "target bits per weight of the decoder linears (default 3.5)", 0, 16, MB_OPT_OPEN_MIN},
         {"head-bits", MB_OPT_INT, &head_bits, "N", "bits of the output head: 2, 3, 4, 5, 6 (default) or 8"},
-        {"cal", MB_OPT_STR, &p.cal, "FILE", "calibration text: .txt / .jsonl / .gz or a directory (default: demo/calib.txt)"},
+        {"cal", MB_OPT_STR, &p.cal, "FILE", "calibration text: .txt / .jsonl / .gz or a directory (required, but for the bundled demo model)"},
+        {"cal-name", MB_OPT_STR, &p.cal_name, "NAME", "name of the calibration text in config.json and the model card (default: its file name)"},
+        {"base-model", MB_OPT_STR, &p.base_model, "ID", "the source's Hub repository id for the model card (default: config.json _name_or_path)"},
+        {"device", MB_OPT_STR, &p.device, "NAME", "auto (default: the GPU when one is usable), cuda or cpu"},
         {"field", MB_OPT_STR, &p.cal_field, "NAME", "jsonl field holding the text (default text)"},
         {"rows", MB_OPT_INT, &p.rows, "N", "calibration rows for quantization (default 100)", 1, MB_CLI_MAX_TOKENS},
         {"measure-rows", MB_OPT_INT, &p.mrows, "N", "calibration rows for measurement (default 16)", 1, MB_CLI_MAX_TOKENS},
         {"length", MB_OPT_INT, &p.length, "N", "tokens per row (default min(2048, max_position_embeddings))", 2, MB_CLI_MAX_CTX},
         {"measurement", MB_OPT_STR, &p.measurement, "FILE", "reuse a measurement.json and skip the measurement pass"},
-        {"eval", MB_OPT_STR, &p.eval, "FILE", "held-out text for perplexity before/after (default: demo/eval.txt)"},
+        {"eval", MB_OPT_STR, &p.eval, "FILE", "text for perplexity / KLD before and after (default: the last 10% of --cal, never calibrated on)"},
         {"eval-ctx", MB_OPT_INT, &p.eval_ctx, "N", "context for the before/after perplexity (default min(2048, max positions))", 2, MB_CLI_MAX_CTX},
         {"no-eval", MB_OPT_FLAG, &no_eval, NULL, "skip the before/after evaluation"},
         {"shard-size", MB_OPT_INT, &p.shard_mb, "MB", "maximum shard size (default 8192)", 1, 1048576},
@@ -185,16 +198,33 @@ static int cmd_convert(int argc, char **argv) {
     p.head_bits = (int)head_bits;
     p.seed = (uint64_t)seed;
     p.checkpoint_interval = ckpt;
-    char calb[4096], evb[4096];
-    if (!p.cal && !(p.cal = beside_binary("demo/calib.txt", calb, sizeof calb))) {
-        fprintf(stderr, "mixbit convert: no --cal given and the shipped demo/calib.txt was not found\n");
-        return 2;
+    /* the bundled demo model comes with its own calibration and evaluation texts; any other model needs a
+     * calibration text written for it (Bible verses are not a calibration set for a chat model) */
+    char calb[4096], evb[4096], demo[4096], a[4096], b[4096];
+    int is_demo = beside_binary("demo/kjv-llama", demo, sizeof demo) && realpath(demo, a) && realpath(p.in, b) && !strcmp(a, b);
+    if (!p.cal) {
+        if (!is_demo) return mb_args_usage_error(&spec, "--cal is required: a calibration text for this model (.txt / .jsonl / .gz or a directory)");
+        if (!(p.cal = beside_binary("demo/calib.txt", calb, sizeof calb))) {
+            fprintf(stderr, "mixbit convert: the shipped demo/calib.txt was not found\n");
+            return 1;
+        }
+        if (!p.eval && !no_eval) p.eval = beside_binary("demo/eval.txt", evb, sizeof evb);
     }
-    if (no_eval) p.eval = NULL;
-    else if (!p.eval && !(p.eval = beside_binary("demo/eval.txt", evb, sizeof evb))) {
-        fprintf(stderr, "mixbit convert: no --eval given and the shipped demo/eval.txt was not found (or use --no-eval)\n");
-        return 2;
+    if (p.device && strcmp(p.device, "auto") && strcmp(p.device, "cuda") && strcmp(p.device, "cpu"))
+        return mb_args_usage_error(&spec, "--device must be auto, cuda or cpu, not \"%s\"", p.device);
+    if (no_eval) {
+        p.eval = NULL;
+        p.holdout = 0;
     }
+    snprintf(g_interrupt_msg, sizeof g_interrupt_msg,
+             "\nmixbit: interrupted: the work up to the last checkpoint (after every stage, and every %g s inside the passes) is kept in %s.partial; "
+             "run the same command again to continue from there\n",
+             ckpt, p.out);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_interrupt;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     json_t *rep = NULL;
     int rc = mb_convert(&p, &rep);
     if (rc) return finish(rc);
@@ -203,7 +233,8 @@ static int cmd_convert(int argc, char **argv) {
         if (s) { puts(s); free(s); }
     } else {
         printf("converted %s -> %s\n", p.in, p.out);
-        printf("decoder bpw %.4f (target %.2f), head %d bits\n", json_real_value(json_object_get(rep, "decoder_bpw")), p.bpw, p.head_bits);
+        printf("decoder bpw %.4f (target %.2f), head %d bits setting (%.2f bpw stored)\n", json_real_value(json_object_get(rep, "decoder_bpw")), p.bpw, p.head_bits,
+               json_real_value(json_object_get(rep, "head_bpw")));
         json_t *e = json_object_get(rep, "eval");
         if (e) {
             printf("perplexity before %.4f, after %.4f (x%.4f) on %s (%lld tokens, paper, ctx %lld)\n", json_real_value(json_object_get(e, "ppl_before")),
@@ -253,7 +284,20 @@ static void usage(FILE *f) {
                "results go to stdout, progress and logs to stderr; exit 0 ok, 1 failure, 2 bad usage\n");
 }
 
+/* OpenMP threads that wait for work spin for a while by default (libgomp: about 300,000 iterations). On a
+ * machine shared with another busy process that turns every barrier into a fight for the cores: the demo
+ * conversion took 7 min 43 s instead of 50 s next to one busy process. libgomp reads its settings before
+ * main() runs, so mixbit sets OMP_WAIT_POLICY=passive (threads sleep at once) and re-executes itself, unless
+ * the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT set). Costs and gains: bench/RESULTS.md. */
+static void wait_policy(char **argv) {
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 1)) return;
+    execv("/proc/self/exe", argv);
+    /* exec failed (no /proc): go on with the default policy */
+}
+
 int main(int argc, char **argv) {
+    wait_policy(argv);
     /* a file size limit (full disk simulation, quotas) makes writes fail with EFBIG instead of killing us */
     signal(SIGXFSZ, SIG_IGN);
     if (argc < 2) { usage(stderr); return 2; }

@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <ftw.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,12 +48,16 @@ struct conv {
     struct mb_model *m;
     struct mb_tokenizer *tok;
     const struct mb_config *c;
-    char part[4200], work[4300];
+    char out[4100], part[4200], work[4300];
+    int lock_fd;           /* OUT_DIR.lock, flock'd for the whole run (-1: none) */
+    char lock_path[4200];
     char args_hash[32];
     int nmod;
     int stage, next_module;
     int64_t L, Rm, Rq;     /* row length, measurement rows, quantization rows */
     int32_t *rows_m, *rows_q;
+    int32_t *cal_ids;      /* the tokenized calibration text (fresh starts only) */
+    int64_t cal_n, cal_used; /* its tokens, and the head of them calibration draws from (the rest: held-out eval) */
     struct mb_states st;
     int states_cur;        /* which states buffer holds the current input (kept across stages) */
     struct mb_fwd f;
@@ -190,8 +196,14 @@ static int load_state(struct conv *cv, int *found) {
         rc = mb_fail(MB_EINVAL, "%s holds a conversion with other options; rerun with the same options or remove it", cv->part);
         goto out;
     }
-    cv->stage = (int)json_integer_value(json_object_get(j, "stage"));
-    cv->next_module = (int)json_integer_value(json_object_get(j, "next_module"));
+    json_t *jst = json_object_get(j, "stage"), *jnm = json_object_get(j, "next_module");
+    if (!json_is_integer(jst) || json_integer_value(jst) < ST_ROWS || json_integer_value(jst) > ST_DONE || !json_is_integer(jnm) ||
+        json_integer_value(jnm) < -1 || json_integer_value(jnm) > cv->nmod) {
+        rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (stage or module out of range); remove %s to start over", p, cv->part);
+        goto out;
+    }
+    cv->stage = (int)json_integer_value(jst);
+    cv->next_module = (int)json_integer_value(jnm);
     cv->states_cur = (int)json_integer_value(json_object_get(j, "states_buffer")) & 1;
     json_t *acc = json_object_get(j, "accuracy"), *ch = json_object_get(j, "choice"), *et = json_object_get(j, "expert_tokens");
     if (json_array_size(acc) != (size_t)cv->nmod || json_array_size(ch) != (size_t)cv->nmod) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint", p); goto out; }
@@ -658,20 +670,33 @@ static int evaluate(struct conv *cv, json_t *report) {
     wpath(cv, lp, sizeof lp, "reference.logprobs");
     pp.save_logprobs = lp;
     struct mb_ppl_result a, b;
-    mb_info("evaluating the source model on %s (paper convention, ctx %lld)", cv->p->eval, (long long)pp.ctx);
-    rc = mb_ppl_run_file(cv->m, cv->tok, cv->p->eval, &pp, &a);
+    /* the text: --eval, or the held-out tail of the calibration text (tokenized at the rows stage) */
+    int32_t *ev = NULL;
+    size_t evb = 0;
+    char ep[4400], tname[600];
+    if (cv->p->eval) snprintf(tname, sizeof tname, "%s", base_name(cv->p->eval));
+    else {
+        snprintf(tname, sizeof tname, "%s (held-out last %.0f%%)", cal_name(cv), 100 * cv->p->holdout);
+        wpath(cv, ep, sizeof ep, "eval.i32");
+        if ((rc = mb_read_file(ep, (char **)&ev, &evb, 0))) return mb_fail_ctx(rc, "the held-out evaluation tokens");
+        if (evb < 8 || evb % 4) { free(ev); return mb_fail(MB_EFORMAT, "%s: corrupt", ep); }
+    }
+    uint64_t th = mb_tokenizer_hash(cv->tok);
+    mb_info("evaluating the source model on %s (paper convention, ctx %lld, BOS %s)", tname, (long long)pp.ctx, pp.bos ? "yes" : "no");
+    rc = ev ? mb_ppl_run(cv->m, ev, (int64_t)(evb / 4), th, &pp, &a) : mb_ppl_run_file(cv->m, cv->tok, cv->p->eval, &pp, &a);
     struct mb_model *q = NULL;
     if (!rc) rc = mb_model_open(cv->part, &q);
     if (!rc) {
         pp.save_logprobs = NULL;
         pp.kld = lp;
         mb_info("evaluating the quantized model");
-        rc = mb_ppl_run_file(q, cv->tok, cv->p->eval, &pp, &b);
+        rc = ev ? mb_ppl_run(q, ev, (int64_t)(evb / 4), th, &pp, &b) : mb_ppl_run_file(q, cv->tok, cv->p->eval, &pp, &b);
     }
     mb_model_close(q);
+    free(ev);
     if (rc) return rc;
     json_t *e = json_object();
-    json_object_set_new(e, "text", json_string(base_name(cv->p->eval)));
+    json_object_set_new(e, "text", json_string(tname));
     json_object_set_new(e, "bos", json_boolean(pp.bos));
     json_object_set_new(e, "convention", json_string("paper"));
     json_object_set_new(e, "ctx", json_integer(pp.ctx));
@@ -743,6 +768,7 @@ void mb_convert_default_params(struct mb_convert_params *p) {
     p->min_expert_tokens = 0; /* 0: automatic (5% of the calibration tokens / experts) */
     p->fail_ppl_ratio = 10.0;
     p->alloc_power = 1.0;
+    p->holdout = 0.1;
 }
 
 static void args_hash(const struct mb_convert_params *p, const char *in, char out[32]) {
@@ -750,28 +776,26 @@ static void args_hash(const struct mb_convert_params *p, const char *in, char ou
     snprintf(buf, sizeof buf, "%s|%s|%d|%s|%.6f|%d|%s|%s|%lld|%lld|%lld|%lld|%s|%llu|%lld|%s|%g|%d", p->uniform ? p->uniform : "", in, p->rtn, p->out, p->bpw, p->head_bits, p->cal ? p->cal : "",
              p->cal_field ? p->cal_field : "", (long long)p->rows, (long long)p->length, (long long)p->mrows, (long long)p->min_expert_tokens,
              p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION, p->alloc_power, p->extra_options);
+    if (!p->eval && p->holdout > 0) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|holdout %g", p->holdout);
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *c = buf; *c; c++) { h ^= (uint8_t)*c; h *= 0x100000001b3ull; }
     snprintf(out, 32, "%016llx", (unsigned long long)h);
 }
 
-struct tokcount { const struct mb_tokenizer *t; int64_t n; };
-static int count_cb(const char *doc, size_t len, void *user) {
-    struct tokcount *tc = user;
-    int32_t *ids = NULL;
-    int64_t n = 0, cap = 0;
-    int rc = mb_tokenize(tc->t, doc, len, 0, 0, &ids, &n, &cap);
-    free(ids);
-    tc->n += n;
-    return rc;
+/* remove a directory tree (the work directory: files and directories mixbit made; symlinks are removed, not
+ * followed) */
+static int rm_entry(const char *path, const struct stat *sb, int type, struct FTW *ftw) {
+    (void)sb; (void)ftw;
+    return (type == FTW_DP ? rmdir(path) : unlink(path)) ? -1 : 0;
 }
 
 static int rm_rf(const char *path) {
-    char cmd[9000];
-    if (strchr(path, '\'')) return mb_fail(MB_EINVAL, "%s: unsupported character in path", path);
-    snprintf(cmd, sizeof cmd, "rm -rf '%.8900s'", path);
-    return system(cmd) == 0 ? 0 : mb_fail(MB_EIO, "%s: cannot remove", path);
+    if (nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0 && errno != ENOENT) return mb_fail(MB_EIO, "%s: cannot remove: %s", path, strerror(errno));
+    return 0;
 }
+
+/* Tokens of the evaluation text, counted as it streams (validates it: readable, UTF-8, not empty) */
+static int count_ids(const int32_t *ids, int64_t n, void *user) { (void)ids; *(int64_t *)user += n; return 0; }
 
 /* Peak memory of the long stages, from the shapes (bench/RESULTS.md checks it against measured peaks):
  *   states      2 x rows x length x hidden x 4            (module input and output of every calibration row)
@@ -833,11 +857,30 @@ static double plan_peak(const struct mem_plan *mp, int measure, int device) {
 static int preflight(struct conv *cv, int *found) {
     const struct mb_convert_params *p = cv->p;
     int rc;
-    if (access(p->out, F_OK) == 0) return mb_fail(MB_EINVAL, "%s already exists; choose a new output directory", p->out);
+    /* the output path: without trailing slashes; its directory must exist; one conversion at a time */
+    size_t ol = strlen(p->out);
+    while (ol > 1 && p->out[ol - 1] == '/') ol--;
+    if (ol == 0 || ol > 4000) return mb_fail(MB_EUSAGE, "output path \"%s\": empty or too long", p->out);
+    snprintf(cv->out, sizeof cv->out, "%.*s", (int)ol, p->out);
+    if (access(cv->out, F_OK) == 0) return mb_fail(MB_EINVAL, "%s already exists; choose a new output directory", cv->out);
+    {
+        char parent[4100];
+        snprintf(parent, sizeof parent, "%s", cv->out);
+        char *sl = strrchr(parent, '/');
+        if (sl) { if (sl == parent) sl[1] = 0; else *sl = 0; } else snprintf(parent, sizeof parent, ".");
+        if (!mb_is_dir(parent)) return mb_fail(MB_EINVAL, "%s: the output's directory %s does not exist", cv->out, parent);
+        char lk[4200];
+        snprintf(lk, sizeof lk, "%s.lock", cv->out);
+        cv->lock_fd = open(lk, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (cv->lock_fd < 0) return mb_fail(MB_EIO, "%s: %s", lk, strerror(errno));
+        if (flock(cv->lock_fd, LOCK_EX | LOCK_NB)) return mb_fail(MB_EINVAL, "%s: another mixbit is converting into %s", lk, cv->out);
+        snprintf(cv->lock_path, sizeof cv->lock_path, "%s", lk);
+    }
     /* inputs named on the command line must exist before any work starts */
     if (!p->uniform && !p->measurement && !p->cal) return mb_fail(MB_EUSAGE, "no calibration text (--cal)");
     if (p->cal && !mb_is_dir(p->cal) && (rc = mb_check_regular(p->cal))) return mb_fail_ctx(rc, "calibration text");
     if (p->eval && (rc = mb_check_regular(p->eval))) return mb_fail_ctx(rc, "evaluation text");
+    if (p->eval_ctx && p->eval_ctx < 2) return mb_fail(MB_EUSAGE, "--eval-ctx must be at least 2");
     if (p->measurement && (rc = mb_check_regular(p->measurement))) return mb_fail_ctx(rc, "measurement file");
     if ((rc = mb_model_open(p->in, &cv->m))) return rc;
     cv->c = &cv->m->cfg;
@@ -873,20 +916,33 @@ static int preflight(struct conv *cv, int *found) {
     }
     for (int m = 0; m < cv->nmod; m++)
         if ((rc = mb_module_table(cv->c, m, cv->extra, p->uniform, &cv->tab[m]))) return rc;
+    /* the evaluation text, read now (UTF-8, not empty, long enough) rather than after hours of work */
+    if (p->eval) {
+        int64_t ctx = p->eval_ctx > 0 ? p->eval_ctx : (cv->c->max_pos < 2048 ? cv->c->max_pos : 2048), n = 0;
+        if (ctx > cv->c->max_pos) return mb_fail(MB_EUSAGE, "--eval-ctx %lld exceeds the model's max_position_embeddings %lld", (long long)ctx, (long long)cv->c->max_pos);
+        if ((rc = mb_tokenize_stream(cv->tok, p->eval, 0, count_ids, &n))) return mb_fail_ctx(rc, "evaluation text");
+        if (n < 2) return mb_fail(MB_EINVAL, "%s: the evaluation text has %lld tokens: nothing to score", p->eval, (long long)n);
+    }
     /* calibration geometry: reference defaults (16 / 100 rows of 2048 tokens), shorter rows for shorter contexts */
     cv->L = p->length > 0 ? p->length : (cv->c->max_pos < 2048 ? cv->c->max_pos : 2048);
     cv->Rq = p->rows > 0 ? p->rows : 100;
     cv->Rm = p->mrows > 0 ? p->mrows : 16;
-    if (strlen(p->out) > 4000) return mb_fail(MB_EINVAL, "output path too long");
-    snprintf(cv->part, sizeof cv->part, "%.4000s.partial", p->out);
+    snprintf(cv->part, sizeof cv->part, "%.4000s.partial", cv->out);
     snprintf(cv->work, sizeof cv->work, "%.4100s/work", cv->part);
-    if ((p->rows <= 0 || p->mrows <= 0) && !mb_is_dir(cv->part)) {
+    int holdout = !p->eval && p->holdout > 0;
+    if (holdout && !(p->holdout < 0.9)) return mb_fail(MB_EUSAGE, "the held-out share of the calibration text must be below 0.9");
+    if (p->cal && !mb_is_dir(cv->part) && (p->rows <= 0 || p->mrows <= 0 || holdout)) {
+        /* the text once, tokenized: its tail is held out for the evaluation (never calibrated on) */
+        if ((rc = mb_calib_tokens(cv->tok, p->cal, p->cal_field, &cv->cal_ids, &cv->cal_n))) return rc;
+        cv->cal_used = holdout ? cv->cal_n - (int64_t)((double)cv->cal_n * p->holdout) : cv->cal_n;
+        if (holdout && cv->cal_n - cv->cal_used < 64)
+            return mb_fail(MB_EINVAL, "%s: %lld tokens: too short to hold %.0f%% out for the evaluation (give --eval, or --no-eval)", p->cal, (long long)cv->cal_n, 100 * p->holdout);
+    }
+    if ((p->rows <= 0 || p->mrows <= 0) && cv->cal_ids) {
         /* a short calibration text: fewer rows (each text token in about two rows) instead of many copies */
-        struct tokcount tc = {cv->tok, 0};
-        if ((rc = mb_dataset_read(p->cal, p->cal_field, count_cb, &tc))) return rc;
-        int64_t cap = 2 * tc.n / cv->L;
+        int64_t cap = 2 * cv->cal_used / cv->L;
         if (cap < 4) cap = 4;
-        if (p->rows <= 0 && cv->Rq > cap) { mb_info("calibration text has %lld tokens: %lld quantization rows instead of %lld", (long long)tc.n, (long long)cap, (long long)cv->Rq); cv->Rq = cap; }
+        if (p->rows <= 0 && cv->Rq > cap) { mb_info("calibration text has %lld tokens: %lld quantization rows instead of %lld", (long long)cv->cal_used, (long long)cap, (long long)cv->Rq); cv->Rq = cap; }
         if (p->mrows <= 0 && cv->Rm > cap) cv->Rm = cap;
     }
     cv->chunk_rows = cv->L * ((4096 + cv->L - 1) / cv->L);
@@ -933,8 +989,25 @@ static int stage_rows(struct conv *cv, int found) {
     } else {
         int32_t *a = NULL, *b = NULL;
         mb_info("calibration: %s, %lld x %lld tokens for measurement, %lld x %lld for quantization", p->cal, (long long)cv->Rm, (long long)cv->L, (long long)cv->Rq, (long long)cv->L);
-        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rm, cv->L, cv->bos, p->seed, &a))) return rc;
-        if ((rc = mb_calib_rows(cv->tok, p->cal, p->cal_field, cv->Rq, cv->L, cv->bos, p->seed + 1, &b))) { free(a); return rc; }
+        if (!cv->cal_ids) {
+            if ((rc = mb_calib_tokens(cv->tok, p->cal, p->cal_field, &cv->cal_ids, &cv->cal_n))) return rc;
+            cv->cal_used = cv->cal_n;
+        }
+        if ((rc = mb_calib_rows_from(cv->tok, p->cal, cv->cal_ids, cv->cal_used, cv->Rm, cv->L, cv->bos, p->seed, &a))) return rc;
+        if ((rc = mb_calib_rows_from(cv->tok, p->cal, cv->cal_ids, cv->cal_used, cv->Rq, cv->L, cv->bos, p->seed + 1, &b))) { free(a); return rc; }
+        if (cv->cal_used < cv->cal_n) { /* the held-out tail, as the evaluation's token stream */
+            char ep[4400];
+            int64_t ne = cv->cal_n - cv->cal_used + (cv->bos ? 1 : 0);
+            int32_t *ev = malloc((size_t)ne * sizeof *ev);
+            if (!ev) { free(a); free(b); return mb_fail(MB_ENOMEM, "out of memory"); }
+            if (cv->bos) ev[0] = mb_tokenizer_bos(cv->tok);
+            memcpy(ev + (cv->bos ? 1 : 0), cv->cal_ids + cv->cal_used, (size_t)(cv->cal_n - cv->cal_used) * sizeof *ev);
+            wpath(cv, ep, sizeof ep, "eval.i32");
+            rc = mb_write_file_atomic(ep, ev, (size_t)ne * sizeof *ev);
+            free(ev);
+            if (rc) { free(a); free(b); return rc; }
+            mb_info("evaluation: the last %.0f%% of %s (%lld tokens), held out from calibration", 100 * p->holdout, cal_name(cv), (long long)(ne));
+        }
         cv->rows_m = malloc((size_t)nrows_total * 4);
         if (!cv->rows_m) { free(a); free(b); return mb_fail(MB_ENOMEM, "out of memory"); }
         memcpy(cv->rows_m, a, (size_t)(cv->Rm * cv->L) * 4);
@@ -1114,7 +1187,7 @@ static json_t *report_json(const struct conv *cv) {
 
 static int stage_evaluate(struct conv *cv, json_t *report, double t_start) {
     int rc;
-    if (cv->p->eval && (rc = evaluate(cv, report))) return rc;
+    if ((cv->p->eval || cv->p->holdout > 0) && (rc = evaluate(cv, report))) return rc;
     json_object_set_new(report, "seconds", json_real(mb_now() - t_start));
     char rp[4400];
     mb_path_join(rp, sizeof rp, cv->part, "mixbit-report.json");
@@ -1129,6 +1202,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     struct conv *cv = &cvs;
     memset(cv, 0, sizeof *cv);
     cv->p = p;
+    cv->lock_fd = -1;
     json_t *report = NULL;
     int rc = 0, found = 0;
     double t_start = mb_now();
@@ -1147,18 +1221,23 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     if (cv->stage == ST_EVAL && (rc = stage_evaluate(cv, report, t_start))) goto out;
     if (cv->stage == ST_DONE) {
         if ((rc = rm_rf(cv->work))) goto out;
-        if (rename(cv->part, p->out) != 0) { rc = mb_fail(MB_EIO, "rename %s -> %s: %s", cv->part, p->out, strerror(errno)); goto out; }
+        if (rename(cv->part, cv->out) != 0) { rc = mb_fail(MB_EIO, "rename %s -> %s: %s", cv->part, cv->out, strerror(errno)); goto out; }
     }
 out:
     mb_fwd_free(&cv->f);
     mb_states_close(&cv->st);
     free(cv->rows_m);
+    free(cv->cal_ids);
     free(cv->tab);
     free(cv->acc);
     free(cv->choice);
     free(cv->expert_tokens);
     mb_tokenizer_free(cv->tok);
     mb_model_close(cv->m);
+    if (cv->lock_fd >= 0) {
+        unlink(cv->lock_path);
+        close(cv->lock_fd);
+    }
     if (rc || !report_out) json_decref(report);
     else *report_out = report;
     return rc;

@@ -43,7 +43,9 @@ struct mb_convert_params {
     const char *cal_field; /* jsonl field (default "text") */
     const char *cal_name;  /* name recorded in config.json and the card (default: the file's name, never a path) */
     int64_t rows, length, mrows; /* quantization rows, row length, measurement rows (0: defaults) */
-    const char *eval;      /* held-out text for before/after (NULL: skip) */
+    const char *eval;      /* held-out text for before/after (NULL: the calibration text's tail, see holdout) */
+    double holdout;        /* without eval: this share of the calibration text's tokens (its tail, default 0.1) is
+                            * never used for calibration and evaluates before/after; 0: no evaluation */
     int64_t eval_ctx, eval_tokens;
     int64_t shard_mb;      /* default 8192 */
     double max_memory_mb;  /* hidden states beyond this spill to disk (0: no limit) */

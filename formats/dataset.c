@@ -185,28 +185,30 @@ static int join_cb(const char *doc, size_t len, void *user) {
     return 0;
 }
 
-int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *field, int64_t rows, int64_t length, int bos,
-                  uint64_t seed, int32_t **out) {
+int mb_calib_tokens(const struct mb_tokenizer *t, const char *path, const char *field, int32_t **ids, int64_t *n) {
+    *ids = NULL;
+    *n = 0;
+    struct join j = {0};
+    int rc = mb_dataset_read(path, field, join_cb, &j);
+    if (rc) { free(j.p); return rc; }
+    int64_t cap = 0;
+    rc = mb_tokenize(t, j.p ? j.p : "", j.n, 0, 0, ids, n, &cap);
+    free(j.p);
+    if (rc) { free(*ids); *ids = NULL; *n = 0; return mb_fail_ctx(rc, "%s", path); }
+    return 0;
+}
+
+int mb_calib_rows_from(const struct mb_tokenizer *t, const char *name, const int32_t *ids, int64_t n, int64_t rows, int64_t length, int bos, uint64_t seed,
+                       int32_t **out) {
     *out = NULL;
     if (rows <= 0 || length < 2) return mb_fail(MB_EINVAL, "calibration rows x length must be positive (got %lld x %lld)", (long long)rows, (long long)length);
-    size_t bytes; /* checked before any reading */
+    size_t bytes;
     int rc = mb_size_mul(&bytes, MB_CALIB_MAX_TOKENS * sizeof(int32_t), "calibration rows x length x 4 bytes", rows, length, sizeof(int32_t));
     if (rc) return rc;
-    struct join j = {0};
-    rc = mb_dataset_read(path, field, join_cb, &j);
-    if (rc) { free(j.p); return rc; }
-    int32_t *ids = NULL;
-    int64_t n = 0, cap = 0;
-    rc = mb_tokenize(t, j.p ? j.p : "", j.n, 0, 0, &ids, &n, &cap);
-    free(j.p);
-    if (rc) { free(ids); return mb_fail_ctx(rc, "%s", path); }
     int64_t body = length - (bos ? 1 : 0);
-    if (n < body) {
-        free(ids);
-        return mb_fail(MB_EINVAL, "%s: %lld tokens of calibration text, fewer than one row of %lld", path, (long long)n, (long long)length);
-    }
+    if (n < body) return mb_fail(MB_EINVAL, "%s: %lld tokens of calibration text, fewer than one row of %lld", name, (long long)n, (long long)length);
     int32_t *r = malloc(bytes);
-    if (!r) { free(ids); return mb_fail(MB_ENOMEM, "out of memory for %lld x %lld calibration tokens", (long long)rows, (long long)length); }
+    if (!r) return mb_fail(MB_ENOMEM, "out of memory for %lld x %lld calibration tokens", (long long)rows, (long long)length);
     /* stratified: row i starts at a random offset inside its share of the stream, so rows overlap only
      * when the text is shorter than rows x length */
     struct mb_rng g = {seed ^ 0x6d69786269742121ull};
@@ -220,7 +222,21 @@ int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *fi
         if (bos) row[0] = mb_tokenizer_bos(t);
         memcpy(row + (bos ? 1 : 0), ids + start, (size_t)body * sizeof *row);
     }
-    free(ids);
     *out = r;
     return 0;
+}
+
+int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *field, int64_t rows, int64_t length, int bos,
+                  uint64_t seed, int32_t **out) {
+    *out = NULL;
+    size_t bytes; /* checked before any reading */
+    if (rows <= 0 || length < 2) return mb_fail(MB_EINVAL, "calibration rows x length must be positive (got %lld x %lld)", (long long)rows, (long long)length);
+    int rc = mb_size_mul(&bytes, MB_CALIB_MAX_TOKENS * sizeof(int32_t), "calibration rows x length x 4 bytes", rows, length, sizeof(int32_t));
+    if (rc) return rc;
+    int32_t *ids;
+    int64_t n;
+    if ((rc = mb_calib_tokens(t, path, field, &ids, &n))) return rc;
+    rc = mb_calib_rows_from(t, path, ids, n, rows, length, bos, seed, out);
+    free(ids);
+    return rc;
 }

@@ -273,6 +273,11 @@ int mb_dataset_read(const char *path, const char *field, mb_doc_cb cb, void *use
  * Fails when the text has fewer than length tokens, or (MB_ERANGE) when rows x length exceeds
  * MB_CALIB_MAX_TOKENS. */
 #define MB_CALIB_MAX_TOKENS ((size_t)1 << 31)
+/* The tokens of a calibration text: its documents joined by "\n\n", tokenized without BOS (ids malloc'd) */
+int mb_calib_tokens(const struct mb_tokenizer *t, const char *path, const char *field, int32_t **ids, int64_t *n);
+/* Calibration rows (as mb_calib_rows) drawn from the token stream ids [n]; name is used in messages */
+int mb_calib_rows_from(const struct mb_tokenizer *t, const char *name, const int32_t *ids, int64_t n, int64_t rows, int64_t length, int bos, uint64_t seed,
+                       int32_t **out);
 int mb_calib_rows(const struct mb_tokenizer *t, const char *path, const char *field, int64_t rows,
                   int64_t length, int bos, uint64_t seed, int32_t **out);
 

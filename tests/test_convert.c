@@ -231,6 +231,62 @@ static void test_failures(void) {
     snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), th_shared(), tmpdir, th_shared());
     CHECK_EQ(run(cmd, err, sizeof err), 1);
     CHECK(strstr(err, "already exists") != NULL);
+    /* checkable inputs fail before any long stage, leaving nothing: an empty or invalid UTF-8 --eval, an eval
+     * context beyond the model, a missing output directory */
+    const char *evals[] = {"empty", "badutf8"};
+    for (int k = 0; k < 2; k++) {
+        snprintf(p, sizeof p, "%s/%s.txt", tmpdir, evals[k]);
+        FILE *ef = fopen(p, "wb");
+        if (k == 1) fputs("In the beginning \xff\xfe God\n", ef);
+        fclose(ef);
+        snprintf(out, sizeof out, "%s/o_%s", tmpdir, evals[k]);
+        snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s --bpw 7 --cal %s/text/tinystories-sample.txt --eval %s " SMALL, mixbit(), th_shared(), out,
+                 th_shared(), p);
+        CHECK_EQ(run(cmd, err, sizeof err), 1);
+        CHECK_MSG(strstr(err, p) != NULL, "%s: %s", evals[k], err);
+        snprintf(p, sizeof p, "%s.partial", out);
+        CHECK(!mb_is_dir(out) && !mb_is_dir(p));
+    }
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/o_ctx --bpw 7 --cal %s/text/tinystories-sample.txt --eval %s/text/tinystories-sample.txt --eval-ctx 4096", mixbit(),
+             th_shared(), tmpdir, th_shared(), th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 2);
+    CHECK_MSG(strstr(err, "max_position_embeddings") != NULL, "%s", err);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/no/such/dir/out --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), th_shared(), tmpdir,
+             th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "does not exist") != NULL, "%s", err);
+    /* a trailing slash names the same output */
+    snprintf(out, sizeof out, "%s/o_slash", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/ --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(), out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    CHECK(mb_is_dir(out));
+    /* Ctrl-C: a message saying how to continue, exit 130, and the same command continues */
+    snprintf(out, sizeof out, "%s/o_int", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/kjv-llama %s --bpw 4 --cal %s/text/calib-kjv-jargon.txt --no-eval --rows 4 --measure-rows 2 --length 128 "
+             "--checkpoint-interval 0 & pid=$!; sleep 3; kill -INT $pid; wait $pid", mixbit(), th_shared(), out, th_shared());
+    ec = run(cmd, err, sizeof err);
+    CHECK_MSG(ec == 130 && strstr(err, "run the same command again"), "exit %d: %s", ec, err);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/kjv-llama %s --bpw 4 --cal %s/text/calib-kjv-jargon.txt --no-eval --rows 4 --measure-rows 2 --length 128 "
+             "--checkpoint-interval 0", mixbit(), th_shared(), out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    /* two conversions into one output at once: the second is refused */
+    snprintf(out, sizeof out, "%s/o_twice", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/kjv-llama %s --bpw 4 --cal %s/text/calib-kjv-jargon.txt --no-eval --rows 4 --measure-rows 2 --length 128 & "
+             "sleep 1; %s convert %s/models/kjv-llama %s --bpw 4 --cal %s/text/calib-kjv-jargon.txt --no-eval --rows 4 --measure-rows 2 --length 128; ec=$?; wait; exit $ec",
+             mixbit(), th_shared(), out, th_shared(), mixbit(), th_shared(), out, th_shared());
+    ec = run(cmd, err, sizeof err);
+    CHECK_MSG(ec == 1 && strstr(err, "another mixbit"), "exit %d: %s", ec, err);
+    CHECK(mb_is_dir(out)); /* the first one finished */
+    /* a checkpoint with an unknown stage is refused, never reported as converted */
+    snprintf(out, sizeof out, "%s/o_stage", tmpdir);
+    snprintf(cmd, sizeof cmd, "MB_TEST_KILL=quant:0 %s convert %s/models/stories260K %s --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(),
+             out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 137);
+    snprintf(cmd, sizeof cmd, "sed -i 's/\"stage\": [0-9]*/\"stage\": 42/' %s.partial/work/state.json && %s convert %s/models/stories260K %s --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL,
+             out, mixbit(), th_shared(), out, th_shared());
+    ec = run(cmd, err, sizeof err);
+    CHECK_MSG(ec == 1 && strstr(err, "corrupt checkpoint"), "exit %d: %s", ec, err);
+    CHECK(!mb_is_dir(out));
 }
 
 /* the same conversion on 1, 2 and 3 threads: byte-identical tensors and measurement. kjv-llama (inputs of 256
