@@ -7,6 +7,8 @@
 #   make asan         the tests under AddressSanitizer + UBSan (CPU code; CUDA=0)
 #   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
 #   make bench-gpu    on a GPU machine: GPU tests, compute-sanitizer and the kernel benchmark in one go
+#   make gpu-check    on a GPU machine: everything CUDA checked and measured (scripts/gpu-check.sh; run
+#                     scripts/gpu-prepare.sh first on the developer machine and carry .gpu)
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
 #   make fuzz-config  libFuzzer target for the config.json parser, seeded with ../shared's configs
 #   make fuzz-measurement  libFuzzer target for the measurement.json reader
@@ -49,7 +51,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c) bench/synth_model.c
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu fuzz fuzz-config fuzz-measurement bench clean
+.PHONY: all test check asan gpu-test bench-gpu gpu-check fuzz fuzz-config fuzz-measurement bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -104,6 +106,9 @@ bench-gpu: $(BUILD)/tests/test_kernels $(BUILD)/bench/bench_kernels
 	PATH=$$PATH:$(CUDA_HOME)/bin compute-sanitizer --error-exitcode 1 $(BUILD)/tests/test_kernels --quick > $(GPU_OUT)/sanitizer.log 2>&1; echo "exit $$?" >> $(GPU_OUT)/sanitizer.log
 	$(BUILD)/bench/bench_kernels > $(GPU_OUT)/bench_kernels.md 2>&1; echo "exit $$?" >> $(GPU_OUT)/bench_kernels.md
 	tail -3 $(GPU_OUT)/gpu-test.log $(GPU_OUT)/sanitizer.log; cat $(GPU_OUT)/bench_kernels.md
+
+gpu-check:
+	OUT=$(GPU_OUT) bash scripts/gpu-check.sh
 
 FUZZ_SECONDS ?= 60
 fuzz:

@@ -257,8 +257,23 @@ static int cmd_gpu(int argc, char **argv) {
     if (r) return r == 1 ? 0 : 2;
     char name[256];
     printf("cuda built: %s\n", mb_cuda_built() ? "yes" : "no");
-    if (mb_cuda_probe(name, sizeof name) == 0) printf("gpu: %s\n", name);
-    else printf("gpu: none (%s)\n", mb_errmsg());
+    if (mb_cuda_probe(name, sizeof name) == 0) {
+        size_t fr = 0, tot = 0;
+        mb_cuda_mem_info(&fr, &tot);
+        printf("gpu: %s, %.1f GB of memory, %.1f GB free\n", name, tot / 1e9, fr / 1e9);
+        const struct mb_ops *o;
+        if (mb_cuda_libs_check() || mb_ops_cuda(&o)) {
+            printf("gpu libraries: %s\nevery stage runs on the CPU\n", mb_errmsg());
+            return 0;
+        }
+        printf("gpu libraries: cuBLAS, cuSOLVER loaded\n");
+        printf("with --device auto (the default), on the GPU: convert (calibration forward passes, Hessians, measurement of every option, GPTQ,\n"
+               "the quantized forward, the head, the before/after evaluation) and ppl; on the CPU: tokenizing, allocation, EXL2 packing and\n"
+               "its self-check, writing the output\n");
+    } else {
+        printf("gpu: none (%s)\n", mb_errmsg());
+        printf("every stage runs on the CPU (--device auto)\n");
+    }
     return 0;
 }
 

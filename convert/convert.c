@@ -72,7 +72,7 @@ struct conv {
     int64_t chunk_rows;
     size_t device_reserve; /* device bytes kept free for weights and work buffers when placing the states */
     double alloc_err, sa_err, sa_bpw;
-    double t_measure, t_quant;
+    double t_measure, t_quant, t_head, t_eval; /* seconds of the stages run by this process (0: resumed past them) */
 };
 
 #define ACC(cv, m, r) ((cv)->acc[(size_t)(m) * MB_MODULE_OPTIONS_MAX + (r)])
@@ -954,7 +954,7 @@ static int preflight(struct conv *cv, int *found) {
     struct mem_plan mp;
     memory_plan(cv, &mp);
     double pm = plan_peak(&mp, 1, cv->ops->device), pq = plan_peak(&mp, 0, cv->ops->device);
-    mb_info("memory plan (%s): measurement %.2f GB, quantization %.2f GB (states %.2f / %.2f, Hessians %.2f, GPTQ %.2f, candidates %.2f, "
+    mb_info("memory plan (compute on the %s): measurement %.2f GB, quantization %.2f GB (states %.2f / %.2f, Hessians %.2f, GPTQ %.2f, candidates %.2f, "
             "work %.2f, layer %.2f GB)", cv->ops->name, pm / 1e9, pq / 1e9, mp.states_m / 1e9, mp.states_q / 1e9, mp.hess / 1e9, mp.gptq / 1e9,
             mp.cand_m / 1e9, mp.work / 1e9, mp.layer / 1e9);
     if (cv->ops->device) {
@@ -1047,10 +1047,12 @@ static int stage_quantize(struct conv *cv) {
 
 static int stage_head(struct conv *cv) {
     int rc;
+    double t0 = mb_now();
     if (!cv->st.buf[0] && (rc = states_open(cv, cv->Rq, 1))) return rc;
     mb_info("quantizing the head (%d bits)", cv->p->head_bits);
     if ((rc = quant_head(cv))) return rc;
     mb_states_close(&cv->st);
+    cv->t_head = mb_now() - t0;
     cv->stage = ST_COMPILE;
     return save_state(cv);
 }
@@ -1187,8 +1189,16 @@ static json_t *report_json(const struct conv *cv) {
 
 static int stage_evaluate(struct conv *cv, json_t *report, double t_start) {
     int rc;
+    double t0 = mb_now();
     if ((cv->p->eval || cv->p->holdout > 0) && (rc = evaluate(cv, report))) return rc;
+    cv->t_eval = mb_now() - t0;
     json_object_set_new(report, "seconds", json_real(mb_now() - t_start));
+    json_t *ts = json_object();
+    json_object_set_new(ts, "measure", json_real(cv->t_measure));
+    json_object_set_new(ts, "quantize", json_real(cv->t_quant));
+    json_object_set_new(ts, "head", json_real(cv->t_head));
+    json_object_set_new(ts, "evaluate", json_real(cv->t_eval));
+    json_object_set_new(report, "stage_seconds", ts);
     char rp[4400];
     mb_path_join(rp, sizeof rp, cv->part, "mixbit-report.json");
     /* the report holds timings: written last, outside the byte-identical tensors */
@@ -1207,7 +1217,6 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     int rc = 0, found = 0;
     double t_start = mb_now();
     if ((rc = mb_ops_select(p->device, &cv->ops))) goto out;
-    mb_info("compute: %s", cv->ops->name);
     if ((rc = preflight(cv, &found))) goto out;
     if ((rc = stage_rows(cv, found))) goto out;
     if (cv->stage <= ST_HEAD && (rc = mb_fwd_init(&cv->f, cv->m, cv->ops, cv->chunk_rows, cv->L))) goto out;

@@ -360,6 +360,7 @@ extern "C" int mb_gptq_cuda_run(const struct mb_gptq_dev *d, const struct mb_wei
         group_kernel<<<blocks(N, 128), 128, 0, s>>>(wt, d->U_d, Kp, N, r0, R, b, scale, rtn || !d->U_d, q_d, err);
         /* lazy batch: rows after the group, W[r1:] -= U[r0:r1, r1:]^T @ E  (column-major: wt^T -= E^T U_sub) */
         if (!rtn && d->U_d && r1 < Kp) {
+            mb_cu.set_stream(cx->blas, s);
             cublasStatus_t st = mb_cu.sgemm(cx->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)N, (int)(Kp - r1), (int)R, &alpha, err, (int)N, d->U_d + r0 * Kp + r1,
                                             (int)Kp, &beta, wt + r1 * N, (int)N);
             if (st != CUBLAS_STATUS_SUCCESS) { rc = mb_fail(MB_ENOCUDA, "%s: cublasSgemm failed (status %d)", name, (int)st); goto out; }

@@ -358,6 +358,7 @@ static void launch_exl2_rows(const struct mb_weight *w, int64_t n0, int64_t n1, 
  * W^T, transposed) @ x^T [K, M] */
 static int sgemm_nt(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int64_t ldy, float beta) {
     const float alpha = 1.0f;
+    mb_cu.set_stream(ctx()->blas, stream()); /* the EXL2 entries may have left the handle on another stream */
     cublasStatus_t st = mb_cu.sgemm(ctx()->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, w, (int)K, x, (int)K, &beta, y, (int)ldy);
     return st == CUBLAS_STATUS_SUCCESS ? 0 : mb_fail(MB_ENOCUDA, "cublasSgemm failed (status %d, %lld x %lld x %lld)", (int)st, (long long)M, (long long)N, (long long)K);
 }
@@ -528,6 +529,7 @@ static void cu_attention(float *out, const float *q, const float *k, const float
     const float **pb = pa + nptr, **pc = pb + nptr;
     void **dev_ptrs = (void **)((char *)sc + sc_bytes);
     cublasHandle_t hb = ctx()->blas;
+    mb_cu.set_stream(hb, stream());
     for (int64_t s0 = 0; s0 < S; s0 += seqs) {
         int64_t ns = S - s0 < seqs ? S - s0 : seqs, nb = ns * nh;
         /* scores^T (column-major [T keys, T queries]) = Kc^T Qc, Kc = k as column-major [hd, T] */
@@ -838,6 +840,7 @@ static int cu_hessian_add(double *H, const float *x, int64_t M, int64_t K) {
     for (int64_t r0 = 0; r0 < M; r0 += CH) {
         int64_t m = M - r0 < CH ? M - r0 : CH;
         to_f64_kernel<<<blocks(m * K, 256), 256, 0, stream()>>>(x + r0 * K, m * K, xd);
+        mb_cu.set_stream(ctx()->blas, stream());
         cublasStatus_t st = mb_cu.dsyrk(ctx()->blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, (int)K, (int)m, &one, xd, (int)K, &one, H, (int)K);
         if (st != CUBLAS_STATUS_SUCCESS) return mb_fail(MB_ENOCUDA, "cublasDsyrk failed (status %d)", (int)st);
     }
