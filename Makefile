@@ -8,6 +8,7 @@
 #   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
 #   make bench-gpu    on a GPU machine: GPU tests, compute-sanitizer and the kernel benchmark in one go
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
+#   make fuzz-tokenizer  the same for the tokenizer.json reader
 #   make bench        build the benchmarks in bench/
 #   make clean
 
@@ -47,7 +48,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c)
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu fuzz bench clean
+.PHONY: all test check asan gpu-test bench-gpu fuzz fuzz-tokenizer bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -109,6 +110,16 @@ fuzz:
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_safetensors \
 		tests/fuzz_safetensors.c formats/safetensors.c core/core.c -ljansson -lm
 	./fuzz/fuzz_safetensors -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus
+
+# libFuzzer target for the tokenizer.json reader (clang), seeded with the ../shared tokenizers and every golden
+# variant (vocabularies cut short): make fuzz-tokenizer FUZZ_SECONDS=600
+fuzz-tokenizer:
+	@mkdir -p fuzz/corpus-tokenizer
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_tokenizer \
+		tests/fuzz_tokenizer.c formats/tokenizer.c core/core.c -ljansson -lpcre2-8 -lutf8proc -lz -lm
+	$(CC) -O1 -std=c11 -D_GNU_SOURCE -o fuzz/fuzz_tokenizer_seeds tests/fuzz_tokenizer_seeds.c -ljansson
+	./fuzz/fuzz_tokenizer_seeds fuzz/corpus-tokenizer
+	./fuzz/fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=20 -dict=tests/fuzz_tokenizer.dict fuzz/corpus-tokenizer
 
 bench: $(BENCH_BIN)
 

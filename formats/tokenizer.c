@@ -60,7 +60,7 @@ static uint64_t fnv1a(const void *p, size_t n, uint64_t h) {
 #define FNV0 0xcbf29ce484222325ull
 
 /* length of the UTF-8 sequence at s (n bytes left); 0 if invalid */
-static int utf8_len(const uint8_t *s, size_t n) {
+static inline __attribute__((always_inline)) int utf8_len(const uint8_t *s, size_t n) {
     uint8_t c = s[0];
     if (c < 0x80) return 1;
     int len;
@@ -78,7 +78,7 @@ static int utf8_len(const uint8_t *s, size_t n) {
     return len;
 }
 
-static uint32_t utf8_cp(const uint8_t *s, int len) {
+static inline __attribute__((always_inline)) uint32_t utf8_cp(const uint8_t *s, int len) {
     if (len == 1) return s[0];
     uint32_t cp = s[0] & (len == 2 ? 0x1f : len == 3 ? 0x0f : 0x07);
     for (int i = 1; i < len; i++) cp = (cp << 6) | (s[i] & 0x3f);
@@ -306,7 +306,7 @@ static int smap_put(struct smap *m, const char *s, size_t n, int32_t id) {
 struct merge_ent { uint64_t key; int32_t rank, new_id; };
 struct mmap_ { uint32_t cap; struct merge_ent *e; };
 
-static uint32_t hash64(uint64_t k) {
+static inline uint32_t hash64(uint64_t k) {
     k ^= k >> 33; k *= 0xff51afd7ed558ccdull; k ^= k >> 33; k *= 0xc4ceb9fe1a85ec53ull; k ^= k >> 33;
     return (uint32_t)k;
 }
@@ -321,7 +321,7 @@ static const struct merge_ent *mmap_get(const struct mmap_ *m, uint64_t key) {
 
 /* codepoint-pair set for safe boundaries */
 struct pset { uint32_t cap; uint64_t *k; /* 0 = empty; stored key+1 */ };
-static int pset_has(const struct pset *s, uint64_t key) {
+static inline __attribute__((always_inline)) int pset_has(const struct pset *s, uint64_t key) {
     uint32_t mask = s->cap - 1;
     key += 1;
     for (uint32_t i = hash64(key) & mask;; i = (i + 1) & mask) {
@@ -514,7 +514,9 @@ struct mb_tokenizer {
     struct pre *pres; int n_pres;
     struct dec *decs; int n_decs, has_decoder;
     struct added *added; int n_added;
-    uint8_t added_first[2][256]; /* first-byte bitmap per pass (0: raw, 1: normalized) */
+    int32_t *cand;               /* per pass (0: raw, 1: normalized) and first byte, the added tokens that */
+    int32_t cand_start[2][257];  /* may match there, longest first: cand[cand_start[p][b] .. cand_start[p][b+1]) */
+    uint8_t added_first[2][256]; /* 1 where that range is not empty */
     int32_t tpl_bos, tpl_eos;    /* from the post-processor, -1 when none */
     int32_t bos_id, eos_id;
     int add_bos, add_eos;
@@ -551,6 +553,7 @@ void mb_tokenizer_free(struct mb_tokenizer *t) {
     free(t->decs);
     for (int i = 0; i < t->n_added; i++) free(t->added[i].s);
     free(t->added);
+    free(t->cand);
     free(t->pairs.k);
     if (t->cache) for (uint32_t i = 0; i < t->cache_cap; i++) { free(t->cache[i].key); free(t->cache[i].ids); }
     free(t->cache);
@@ -1221,10 +1224,23 @@ static int load_added(struct mb_tokenizer *t, const char *file, json_t *added) {
         x->s = pb.p;
         x->n = pb.n;
         if (x->normalized && (pb.n != json_string_length(c) || memcmp(pb.p, json_string_value(c), pb.n))) t->is_added[x->id] = 2; /* decodes as normalized */
-        if (x->n > 0) t->added_first[x->normalized ? 1 : 0][(uint8_t)x->s[0]] = 1; /* an empty one never matches */
         t->n_added++;
     }
     qsort(t->added, (size_t)t->n_added, sizeof *t->added, cmp_added_len);
+    /* candidates by (pass, first byte), keeping the longest-first order; an empty token never matches */
+    t->cand = malloc(((size_t)t->n_added + 1) * sizeof *t->cand);
+    if (!t->cand) return mb_fail(MB_ENOMEM, "out of memory");
+    int32_t k = 0;
+    for (int p = 0; p < 2; p++)
+        for (int b = 0; b < 256; b++) {
+            t->cand_start[p][b] = k;
+            for (int i = 0; i < t->n_added; i++)
+                if (t->added[i].n > 0 && (t->added[i].normalized ? 1 : 0) == p && (uint8_t)t->added[i].s[0] == b) t->cand[k++] = i;
+        }
+    t->cand_start[1][256] = k;
+    t->cand_start[0][256] = t->cand_start[1][0];
+    for (int p = 0; p < 2; p++)
+        for (int b = 0; b < 256; b++) t->added_first[p][b] = t->cand_start[p][b + 1] > t->cand_start[p][b];
     return 0;
 }
 
@@ -1599,6 +1615,21 @@ static int bpe_pretoken(struct mb_tokenizer *t, const char *w, size_t n, struct 
     return 0;
 }
 
+/* bytes s[0, n) as byte-level characters (each 1 or 2 UTF-8 bytes) appended to b */
+static int map_bytes(const struct mb_tokenizer *t, struct buf *b, const char *s, size_t n) {
+    int rc = buf_reserve(b, 2 * n);
+    if (rc) return rc;
+    char *o = b->p + b->n;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t cp = t->byte2cp[(uint8_t)s[i]];
+        if (cp < 0x80) *o++ = (char)cp;
+        else { *o++ = (char)(0xc0 | (cp >> 6)); *o++ = (char)(0x80 | (cp & 0x3f)); }
+    }
+    b->n = (size_t)(o - b->p);
+    b->p[b->n] = 0;
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* encoding: normalizers                                                                            */
 
@@ -1735,7 +1766,7 @@ static int normalize(const struct mb_tokenizer *t, const char *s, size_t n, int 
         case N_STRIP_ACCENTS: case N_NMT: rc = filter_chars(cur.p, cur.n, (int)x->type, &nxt, lead_removed); break;
         case N_BERT: rc = bert_normalize(x, cur.p, cur.n, &nxt, lead_removed); break;
         case N_BYTELEVEL:
-            for (size_t i = 0; i < cur.n && !rc; i++) rc = buf_cp(&nxt, t->byte2cp[(uint8_t)cur.p[i]]);
+            rc = map_bytes(t, &nxt, cur.p, cur.n);
             break;
         }
         struct buf tmp = cur; cur = nxt; nxt = tmp;
@@ -1773,6 +1804,16 @@ static int split_piece(struct scratch *sc, size_t a, size_t b, enum split_behavi
     int rc = 0;
     alt->n = acc->n = 0;
     size_t prev = a;
+    if (beh == B_ISOLATED || beh == B_REMOVED) { /* no folding: the pieces straight from the matches */
+        int keep_match = beh == B_ISOLATED || invert, keep_gap = beh == B_ISOLATED || !invert;
+        for (size_t i = 0; i < m->n && !rc; i++) {
+            if (keep_gap && m->v[i].a > prev) rc = spans_add(out, prev, m->v[i].a);
+            if (!rc && keep_match && m->v[i].b > m->v[i].a) rc = spans_add(out, m->v[i].a, m->v[i].b);
+            prev = m->v[i].b;
+        }
+        if (!rc && keep_gap && b > prev) rc = spans_add(out, prev, b);
+        return rc;
+    }
     for (size_t i = 0; i < m->n && !rc; i++) {
         if (prev != m->v[i].a) rc = segs_add(alt, prev, m->v[i].a, 0);
         if (!rc) rc = segs_add(alt, m->v[i].a, m->v[i].b, 1);
@@ -1902,13 +1943,13 @@ static int pretokenize(const struct mb_tokenizer *t, const char *s, size_t n, in
                         rc = split_piece(sc, 0, xn, B_ISOLATED, 0, &sub);
                         for (size_t j = 0; j < sub.n && !rc; j++) {
                             size_t st = nb.n;
-                            for (size_t q = sub.v[j].a; q < sub.v[j].b && !rc; q++) rc = buf_cp(&nb, t->byte2cp[(uint8_t)x[q]]);
+                            rc = map_bytes(t, &nb, x + sub.v[j].a, sub.v[j].b - sub.v[j].a);
                             if (!rc) rc = spans_add(&nxt, st, nb.n);
                         }
                         free(sub.v);
                     } else {
                         size_t st = nb.n;
-                        for (size_t q = 0; q < xn && !rc; q++) rc = buf_cp(&nb, t->byte2cp[(uint8_t)x[q]]);
+                        rc = map_bytes(t, &nb, x, xn);
                         if (!rc) rc = spans_add(&nxt, st, nb.n);
                     }
                 }
@@ -1988,12 +2029,17 @@ static uint32_t cp_before(const char *s, size_t i) {
  * lstrip / rstrip) */
 static int find_added(const struct mb_tokenizer *t, int pass, const char *s, size_t lo, size_t n, size_t *ms, size_t *me, int32_t *id) {
     size_t i = lo;
+    if (t->cand_start[pass][256] == t->cand_start[pass][0]) return 0; /* none in this pass */
+    const uint8_t *first = t->added_first[pass];
     while (i < n) {
-        if (!t->added_first[pass][(uint8_t)s[i]]) { i++; continue; }
+        while (i < n && !first[(uint8_t)s[i]]) i++;
+        if (i == n) break;
+        uint8_t c = (uint8_t)s[i];
+        int32_t k0 = t->cand_start[pass][c], k1 = t->cand_start[pass][c + 1];
         const struct added *a = NULL;
-        for (int k = 0; k < t->n_added; k++) { /* sorted longest first */
-            const struct added *x = &t->added[k];
-            if ((x->normalized ? 1 : 0) == pass && x->n > 0 && x->n <= n - i && !memcmp(s + i, x->s, x->n)) { a = x; break; }
+        for (int32_t k = k0; k < k1; k++) { /* longest first */
+            const struct added *x = &t->added[t->cand[k]];
+            if (x->n <= n - i && !memcmp(s + i, x->s, x->n)) { a = x; break; }
         }
         if (!a) { i++; continue; }
         size_t b = i, e = i + a->n;
