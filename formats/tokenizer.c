@@ -1230,15 +1230,15 @@ static int load_added(struct mb_tokenizer *t, const char *file, json_t *added) {
     /* candidates by (pass, first byte), keeping the longest-first order; an empty token never matches */
     t->cand = malloc(((size_t)t->n_added + 1) * sizeof *t->cand);
     if (!t->cand) return mb_fail(MB_ENOMEM, "out of memory");
+    int32_t count[512] = {0}; /* bucket p * 256 + b */
+    for (int i = 0; i < t->n_added; i++)
+        if (t->added[i].n > 0) count[(t->added[i].normalized ? 256 : 0) + (uint8_t)t->added[i].s[0]]++;
     int32_t k = 0;
-    for (int p = 0; p < 2; p++)
-        for (int b = 0; b < 256; b++) {
-            t->cand_start[p][b] = k;
-            for (int i = 0; i < t->n_added; i++)
-                if (t->added[i].n > 0 && (t->added[i].normalized ? 1 : 0) == p && (uint8_t)t->added[i].s[0] == b) t->cand[k++] = i;
-        }
+    for (int j = 0; j < 512; j++) { t->cand_start[j / 256][j % 256] = k; k += count[j]; count[j] = t->cand_start[j / 256][j % 256]; }
     t->cand_start[1][256] = k;
     t->cand_start[0][256] = t->cand_start[1][0];
+    for (int i = 0; i < t->n_added; i++) /* stable: longest first within a bucket */
+        if (t->added[i].n > 0) t->cand[count[(t->added[i].normalized ? 256 : 0) + (uint8_t)t->added[i].s[0]]++] = i;
     for (int p = 0; p < 2; p++)
         for (int b = 0; b < 256; b++) t->added_first[p][b] = t->cand_start[p][b + 1] > t->cand_start[p][b];
     return 0;
@@ -1474,12 +1474,13 @@ struct segs { struct seg *v; size_t n, cap; };
 struct scratch {
     struct sym *s; struct hent *h; int cap;
     struct spans m;           /* matches of one piece */
+    struct spans sub;         /* ByteLevel: the regex pieces of one piece */
     struct segs alt, acc;     /* split: alternation and folded pieces */
     struct buf tmp;
     pcre2_match_data *md;
 };
 static void scratch_free(struct scratch *sc) {
-    free(sc->s); free(sc->h); free(sc->m.v); free(sc->alt.v); free(sc->acc.v); free(sc->tmp.p);
+    free(sc->s); free(sc->h); free(sc->m.v); free(sc->sub.v); free(sc->alt.v); free(sc->acc.v); free(sc->tmp.p);
     if (sc->md) pcre2_match_data_free(sc->md);
 }
 static int scratch_reserve(struct scratch *sc, int n) {
@@ -1939,14 +1940,13 @@ static int pretokenize(const struct mb_tokenizer *t, const char *s, size_t n, in
                     sc->m.n = 0;
                     if (p->use_regex) {
                         if ((rc = find_in(t, &p->pat, x, 0, xn, sc))) break;
-                        struct spans sub = {0};
-                        rc = split_piece(sc, 0, xn, B_ISOLATED, 0, &sub);
-                        for (size_t j = 0; j < sub.n && !rc; j++) {
+                        sc->sub.n = 0;
+                        rc = split_piece(sc, 0, xn, B_ISOLATED, 0, &sc->sub);
+                        for (size_t j = 0; j < sc->sub.n && !rc; j++) {
                             size_t st = nb.n;
-                            rc = map_bytes(t, &nb, x + sub.v[j].a, sub.v[j].b - sub.v[j].a);
+                            rc = map_bytes(t, &nb, x + sc->sub.v[j].a, sc->sub.v[j].b - sc->sub.v[j].a);
                             if (!rc) rc = spans_add(&nxt, st, nb.n);
                         }
-                        free(sub.v);
                     } else {
                         size_t st = nb.n;
                         rc = map_bytes(t, &nb, x, xn);
