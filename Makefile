@@ -12,6 +12,7 @@
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
 #   make fuzz-config  libFuzzer target for the config.json parser, seeded with ../shared's configs
 #   make fuzz-measurement  libFuzzer target for the measurement.json reader
+#   make fuzz-tokenizer  the same for the tokenizer.json reader
 #   make bench        build the benchmarks in bench/
 #   make clean
 
@@ -29,7 +30,7 @@ BUILD ?= build$(if $(filter 0,$(CUDA)),-nocuda)
 OPT ?= -O2 -march=native -fno-math-errno
 SAN ?=
 CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I$(BLAS_INC)
-LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
+LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -lutf8proc -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
 
 LIB_SRC = $(wildcard core/*.c formats/*.c calib/*.c quant/*.c convert/*.c)
 CU_SRC = $(wildcard kernels/*.cu)
@@ -51,7 +52,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c) bench/synth_model.c
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu gpu-check fuzz fuzz-config fuzz-measurement bench clean
+.PHONY: all test check asan gpu-test bench-gpu gpu-check fuzz fuzz-config fuzz-measurement fuzz-tokenizer bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -129,6 +130,16 @@ fuzz-measurement:
 	cp -n tests/fuzz-seeds/measurement-*.json fuzz/corpus-measurement/
 	$(FUZZ_CC) -o fuzz/fuzz_measurement tests/fuzz_measurement.c quant/measurement.c quant/settings.c formats/exl2.c formats/safetensors.c core/core.c -ljansson -lm
 	./fuzz/fuzz_measurement -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -rss_limit_mb=2048 -malloc_limit_mb=512 -dict=tests/fuzz-seeds/measurement.dict fuzz/corpus-measurement
+
+# libFuzzer target for the tokenizer.json reader (clang), seeded with the ../shared tokenizers and every golden
+# variant (vocabularies cut short): make fuzz-tokenizer FUZZ_SECONDS=600
+fuzz-tokenizer:
+	@mkdir -p fuzz/corpus-tokenizer
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_tokenizer \
+		tests/fuzz_tokenizer.c formats/tokenizer.c core/core.c -ljansson -lpcre2-8 -lutf8proc -lz -lm
+	$(CC) -O1 -std=c11 -D_GNU_SOURCE -o fuzz/fuzz_tokenizer_seeds tests/fuzz_tokenizer_seeds.c -ljansson
+	./fuzz/fuzz_tokenizer_seeds fuzz/corpus-tokenizer
+	./fuzz/fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=20 -dict=tests/fuzz_tokenizer.dict fuzz/corpus-tokenizer
 
 bench: $(BENCH_BIN)
 

@@ -231,16 +231,29 @@ void mb_exl2_packed_view(const struct mb_exl2_packed *p, struct mb_exl2_layer *L
 struct mb_tokenizer;
 
 /* Load tokenizer.json from a path, or from a model directory (plus tokenizer_config.json beside it for
- * add_bos_token / add_eos_token). Unsupported features are errors naming the feature. */
+ * add_bos_token / add_eos_token). Unsupported features are errors naming the feature. Supported: BPE models;
+ * normalizers Sequence, Prepend, Replace, Strip, StripAccents, NFC, NFD, NFKC, NFKD, Lowercase, Nmt,
+ * BertNormalizer, ByteLevel; pre-tokenizers Sequence, ByteLevel, Split, Metaspace, Digits, Punctuation,
+ * Whitespace, WhitespaceSplit, BertPreTokenizer, CharDelimiterSplit, FixedLength; decoders Sequence,
+ * ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, WordPiece, BPEDecoder, CTC; post-processors
+ * TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence (for BOS/EOS). */
 int mb_tokenizer_load(const char *path, struct mb_tokenizer **out);
+/* The same from tokenizer.json text in memory (len bytes; `name` is used in messages); config_path: a
+ * tokenizer_config.json to read, or NULL. */
+int mb_tokenizer_parse(const char *name, const char *json, size_t len, const char *config_path, struct mb_tokenizer **out);
 void mb_tokenizer_free(struct mb_tokenizer *t);
 
 /* Encode text (len bytes, UTF-8). Appends to *ids (realloc'd; *n and *cap updated). `add_special`:
  * add BOS/EOS as tokenizer_config.json says. `literal`: do not match special tokens in the text. */
 int mb_tokenize(const struct mb_tokenizer *t, const char *text, size_t len, int add_special, int literal,
                 int32_t **ids, int64_t *n, int64_t *cap);
-/* Decode ids to text (malloc'd, NUL-terminated). */
+/* Decode ids to text (malloc'd, NUL-terminated): the decoder chain, as the library's decode(ids, False). */
 int mb_detokenize(const struct mb_tokenizer *t, const int32_t *ids, int64_t n, char **text);
+/* For tests and diagnostics, as the library's normalizer.normalize_str / pre_tokenizer.pre_tokenize_str:
+ * the normalized text (malloc'd, NUL-terminated, *out_len bytes), and the pre-tokens of an already
+ * normalized text: *n pieces, concatenated in *out, piece i ending at byte (*ends)[i] (both malloc'd). */
+int mb_tokenizer_normalize(const struct mb_tokenizer *t, const char *text, size_t len, char **out, size_t *out_len);
+int mb_tokenizer_pretokenize(const struct mb_tokenizer *t, const char *text, size_t len, char **out, size_t **ends, int64_t *n);
 int64_t mb_tokenizer_vocab_size(const struct mb_tokenizer *t);
 int32_t mb_tokenizer_bos(const struct mb_tokenizer *t); /* -1 when none */
 int32_t mb_tokenizer_eos(const struct mb_tokenizer *t);
