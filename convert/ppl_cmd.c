@@ -28,6 +28,7 @@ int mb_ppl_cmd(const struct mb_ppl_cmd_params *p) {
     }
     int rc0 = mb_ops_select(p->device, &pp.ops);
     if (rc0) return rc0;
+    if ((rc0 = mb_check_regular(p->text))) return rc0; /* a FIFO or a device would block or never end */
     struct mb_model *m = NULL;
     struct mb_tokenizer *t = NULL;
     int rc = mb_model_open(p->model, &m);

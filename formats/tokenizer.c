@@ -38,6 +38,7 @@
 #include <string.h>
 #include <utf8proc.h>
 #include <zlib.h>
+#include <unistd.h>
 
 #include "formats.h"
 
@@ -1260,6 +1261,9 @@ static int load_tok_config(struct mb_tokenizer *t, const char *config_path) {
     if (!config_path) {
         if (t->bos_id < 0) t->bos_id = token_id(t, "<s>", 3);
         if (t->eos_id < 0) t->eos_id = token_id(t, "</s>", 4);
+        /* no tokenizer_config.json and no template: the family's default. SentencePiece models (Llama 2,
+         * Mistral: byte-fallback BPE with <s>) start with BOS, as their slow tokenizers do */
+        if (t->tpl_bos < 0 && t->byte_fallback && t->bos_id >= 0) t->add_bos = 1;
         return 0;
     }
     char *text;
@@ -2176,6 +2180,23 @@ size_t mb__tokenize_chunk = (size_t)1 << 20;
 /* a cut point: after "X\nY", X and Y printable non-space ASCII (see stream_check) */
 static int is_graph(char c) { return c > 0x20 && c < 0x7f; }
 
+/* gzread with the errors zlib keeps to itself: a stream cut short reads as a plain end of file unless asked */
+static int gz_read(gzFile f, const char *path, char *dst, unsigned n, int *rc) {
+    int r = gzread(f, dst, n);
+    if (r < 0) {
+        int e;
+        *rc = mb_fail(MB_EIO, "%s: read error: %s", path, gzerror(f, &e));
+        return 0;
+    }
+    if (r == 0) {
+        int e = Z_OK;
+        const char *msg = gzerror(f, &e);
+        if (e == Z_BUF_ERROR) *rc = mb_fail(MB_EFORMAT, "%s: truncated gzip data (%s)", path, msg && msg[0] ? msg : "unexpected end of file");
+        else if (e != Z_OK) *rc = mb_fail(MB_EIO, "%s: read error: %s", path, msg);
+    }
+    return r;
+}
+
 int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos, mb_ids_cb cb, void *user) {
     struct mb_tokenizer *t = (struct mb_tokenizer *)tc;
     int32_t *ids = NULL;
@@ -2186,8 +2207,10 @@ int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos,
         if (t->bos_id < 0) return mb_fail(MB_EINVAL, "%s: the tokenizer has no BOS token", path);
         if ((rc = ids_push(&out, t->bos_id))) return rc;
     }
-    gzFile f = gzopen(path, "rb");
-    if (!f) { free(ids); return mb_fail(MB_EIO, "%s: cannot open", path); }
+    int fd;
+    if ((rc = mb_open_regular(path, &fd, NULL))) { free(ids); return rc; } /* FIFOs and devices refused without blocking */
+    gzFile f = gzdopen(fd, "rb");
+    if (!f) { close(fd); free(ids); return mb_fail(MB_ENOMEM, "%s: cannot open: out of memory", path); }
     const size_t CHUNK = mb__tokenize_chunk ? mb__tokenize_chunk : 1;
     const unsigned READ = 1u << 20;
     struct buf b = {0};
@@ -2198,8 +2221,8 @@ int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos,
         while (!eof && (b.n < CHUNK || !t->streamable)) {
             if (b.n > MB_TOK_MAX_TEXT) { rc = mb_fail(MB_EINVAL, "%s: more than %zu bytes of text for a tokenizer that must read it whole", path, MB_TOK_MAX_TEXT); break; }
             if ((rc = buf_reserve(&b, READ))) break;
-            int r = gzread(f, b.p + b.n, READ);
-            if (r < 0) { int e; rc = mb_fail(MB_EIO, "%s: read error: %s", path, gzerror(f, &e)); break; }
+            int r = gz_read(f, path, b.p + b.n, READ, &rc);
+            if (rc) break;
             if (r == 0) eof = 1;
             b.n += (size_t)r;
             b.p[b.n] = 0;
@@ -2213,8 +2236,8 @@ int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos,
             if (cut == 0) { /* no cut point in the whole buffer: read more */
                 if (b.n > MB_TOK_MAX_TEXT) { rc = mb_fail(MB_EINVAL, "%s: no usable line break in %zu bytes of text", path, MB_TOK_MAX_TEXT); break; }
                 if ((rc = buf_reserve(&b, READ))) break;
-                int r = gzread(f, b.p + b.n, READ);
-                if (r < 0) { int e; rc = mb_fail(MB_EIO, "%s: read error: %s", path, gzerror(f, &e)); break; }
+                int r = gz_read(f, path, b.p + b.n, READ, &rc);
+                if (rc) break;
                 if (r == 0) eof = 1;
                 b.n += (size_t)r;
                 b.p[b.n] = 0;
@@ -2237,7 +2260,8 @@ int mb_tokenize_stream(const struct mb_tokenizer *tc, const char *path, int bos,
         if (n > 0) { rc = cb(ids, n, user); n = 0; }
     }
     if (!rc && n > 0) rc = cb(ids, n, user); /* an empty file with BOS */
-    gzclose(f);
+    int cr = gzclose_r(f); /* Z_BUF_ERROR: the last read ended inside a gzip stream */
+    if (!rc && cr == Z_BUF_ERROR) rc = mb_fail(MB_EFORMAT, "%s: truncated gzip data", path);
     free(b.p);
     free(ids);
     return rc;

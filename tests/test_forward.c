@@ -1,6 +1,7 @@
 /* tests/test_forward.c: the forward pass against the float64 references (per-position NLLs within 2e-4)
  * and the reference perplexities (0.05% relative, both conventions), KL divergence, MoE invariance. */
 #include <jansson.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../calib/calib.h"
@@ -356,6 +357,45 @@ static void test_nonfinite(void) {
     if (system(cmd)) {}
 }
 
+/* texts that are not regular files, or gzip data cut short, are errors naming the file (never a hang, never a
+ * shorter text read as if whole) */
+static void test_bad_texts(void) {
+    char md[512], fifo[256], gz[256], cut[256], cmd[1200];
+    snprintf(md, sizeof md, "%s/models/stories260K", th_shared());
+    snprintf(fifo, sizeof fifo, "/tmp/mb_test_fifo_%ld", (long)getpid());
+    snprintf(gz, sizeof gz, "/tmp/mb_test_text_%ld.gz", (long)getpid());
+    snprintf(cut, sizeof cut, "/tmp/mb_test_cut_%ld.gz", (long)getpid());
+    unlink(fifo);
+    CHECK_EQ(mkfifo(fifo, 0600), 0);
+    snprintf(cmd, sizeof cmd, "gzip -c < %s/text/wikitext-2-raw-test.txt > %s && head -c 30000 %s > %s", th_shared(), gz, gz, cut);
+    CHECK_EQ(system(cmd), 0);
+    struct mb_model *m = NULL;
+    struct mb_tokenizer *t = NULL;
+    CHECK_EQ(mb_model_open(md, &m), 0);
+    CHECK_EQ(mb_tokenizer_load(md, &t), 0);
+    if (m && t) {
+        struct mb_ppl_params pp;
+        mb_ppl_default_params(&pp);
+        pp.ctx = 64;
+        pp.progress = 0;
+        struct mb_ppl_result r;
+        const char *bad[] = {fifo, "/dev/zero", cut};
+        for (int k = 0; k < 3; k++) {
+            alarm(20); /* a blocking read fails the test instead of hanging it */
+            int rc = mb_ppl_run_file(m, t, bad[k], &pp, &r);
+            alarm(0);
+            CHECK_MSG(rc != 0 && strstr(mb_errmsg(), bad[k]), "%s: %d %s", bad[k], rc, mb_errmsg());
+        }
+        pp.max_tokens = 300; /* the whole file reads fine */
+        CHECK_EQ(mb_ppl_run_file(m, t, gz, &pp, &r), 0);
+    }
+    mb_model_close(m);
+    mb_tokenizer_free(t);
+    unlink(fifo);
+    unlink(gz);
+    unlink(cut);
+}
+
 int main(void) {
     RUN(test_nll_reference);
     RUN(test_moe_equals_dense);
@@ -364,5 +404,6 @@ int main(void) {
     RUN(test_stream_and_stride);
     RUN(test_rope_and_window);
     RUN(test_nonfinite);
+    RUN(test_bad_texts);
     TEST_MAIN_END();
 }
