@@ -8,6 +8,7 @@
 #   make gpu-test     the GPU tests only (on a machine with a GPU), then once under compute-sanitizer
 #   make bench-gpu    on a GPU machine: GPU tests, compute-sanitizer and the kernel benchmark in one go
 #   make fuzz         libFuzzer target for the safetensors header parser (clang), run with FUZZ_SECONDS
+#   make fuzz-pickle  libFuzzer target for the PyTorch .bin reader (zip + pickle), seeded from the fixtures
 #   make bench        build the benchmarks in bench/
 #   make clean
 
@@ -47,7 +48,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c)
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu fuzz bench clean
+.PHONY: all test check asan gpu-test bench-gpu fuzz fuzz-pickle bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -109,6 +110,21 @@ fuzz:
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_safetensors \
 		tests/fuzz_safetensors.c formats/safetensors.c core/core.c -ljansson -lm
 	./fuzz/fuzz_safetensors -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus
+
+# Seeds: state dicts written by the target built as a seed program, the small fixture archives, and the
+# fixtures' data.pkl (when unzip is present). New inputs go to fuzz/corpus-pickle, crashes to fuzz/.
+MB_SHARED ?= ../shared
+fuzz-pickle:
+	@mkdir -p fuzz/corpus-pickle fuzz/seeds-pickle
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_pickle \
+		tests/fuzz_pickle.c formats/torchbin.c formats/safetensors.c core/core.c -ljansson -lz -lm
+	$(CC) -g -O1 -DFUZZ_SEED_MAIN -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_pickle_seeds \
+		tests/fuzz_pickle.c formats/torchbin.c formats/safetensors.c core/core.c -ljansson -lz -lm
+	./fuzz/fuzz_pickle_seeds fuzz/seeds-pickle
+	T=$(MB_SHARED)/models/stories260K-torchbin; cp $$T/malicious-*.bin fuzz/seeds-pickle/; \
+	if command -v unzip >/dev/null; then for f in $$T/pytorch_model.bin $$T/tied-shared-storage.bin $$T/sharded-bf16/*.bin; do \
+		unzip -p $$f '*/data.pkl' > fuzz/seeds-pickle/pkl-$$(basename $$f .bin); done; fi
+	./fuzz/fuzz_pickle -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -artifact_prefix=fuzz/ fuzz/corpus-pickle fuzz/seeds-pickle
 
 bench: $(BENCH_BIN)
 
