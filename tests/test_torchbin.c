@@ -370,6 +370,54 @@ static void test_convert_weights(void) {
     mb_st_set_close(ref);
 }
 
+/* pytorch_model.bin.index.json: the same consistency rules as the safetensors index */
+static void test_bin_index(void) {
+    char dir[600], a[700], b[700], cmd[1400], err[4096];
+    snprintf(dir, sizeof dir, "%s/binindex", tmpdir);
+    mb_mkdir_p(dir);
+    const char *names[] = {"config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(a, sizeof a, "%s/sharded-bf16/%s", fixdir(), names[i]);
+        snprintf(b, sizeof b, "%s/%s", dir, names[i]);
+        CHECK_EQ(mb_copy_file(a, b), 0);
+    }
+    snprintf(a, sizeof a, "%s/sharded-bf16/pytorch_model.bin.index.json", fixdir());
+    json_error_t je;
+    json_t *good = json_load_file(a, 0, &je);
+    CHECK(good != NULL);
+    if (!good) return;
+    snprintf(b, sizeof b, "%s/pytorch_model.bin.index.json", dir);
+    static const struct { const char *what, *expect; } cases[] = {
+        {"an entry removed", "is not listed in the index"},
+        {"an entry added", "listed but not found"},
+        {"an entry moved to the other shard", "is listed in pytorch_model-00002-of-00002.bin but found in pytorch_model-00001-of-00002.bin"},
+        {"a file outside the directory", "outside the directory"},
+        {"a missing shard", "pytorch_model-00003-of-00003.bin: cannot open"},
+    };
+    for (int i = 0; i < 5; i++) {
+        json_t *j = json_deep_copy(good), *wm = json_object_get(j, "weight_map");
+        if (i == 0) json_object_del(wm, "model.norm.weight");
+        if (i == 1) json_object_set_new(wm, "model.extra.weight", json_string("pytorch_model-00001-of-00002.bin"));
+        if (i == 2) json_object_set_new(wm, "model.embed_tokens.weight", json_string("pytorch_model-00002-of-00002.bin"));
+        if (i == 3) json_object_set_new(wm, "model.norm.weight", json_string("../pytorch_model-00002-of-00002.bin"));
+        if (i == 4) json_object_set_new(wm, "model.norm.weight", json_string("pytorch_model-00003-of-00003.bin"));
+        json_dump_file(j, b, 0);
+        json_decref(j);
+        struct mb_st_set *s = NULL;
+        int rc = mb_st_set_open(dir, &s);
+        CHECK_MSG(rc != 0 && s == NULL, "%s: rc %d", cases[i].what, rc);
+        CHECK_MSG(strstr(mb_errmsg(), cases[i].expect) != NULL, "%s: %s", cases[i].what, mb_errmsg());
+        snprintf(cmd, sizeof cmd, "%s inspect %s", mixbit(), dir);
+        CHECK_EQ(run(cmd, NULL, 0, err, sizeof err), 1);
+        CHECK_MSG(one_line(err) && strstr(err, cases[i].expect), "%s: %s", cases[i].what, err);
+    }
+    json_dump_file(good, b, 0);
+    struct mb_model *m = NULL;
+    CHECK_MSG(mb_model_open(dir, &m) == 0, "%s", mb_errmsg());
+    mb_model_close(m);
+    json_decref(good);
+}
+
 /* convert, ppl and inspect on a directory holding only .bin files give what they give on safetensors */
 static void test_model_commands(void) {
     char cmd[2400], err[4096], a[4096], b[4096], text[600];
@@ -866,6 +914,7 @@ int main(void) {
     RUN(test_synthetic_good);
     RUN(test_malformed_zip);
     RUN(test_malformed_pickle);
+    RUN(test_bin_index);
     RUN(test_convert_weights);
     RUN(test_model_commands);
     char cmd[400];
