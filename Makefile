@@ -111,8 +111,8 @@ fuzz:
 		tests/fuzz_safetensors.c formats/safetensors.c core/core.c -ljansson -lm
 	./fuzz/fuzz_safetensors -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus
 
-# Seeds: state dicts written by the target built as a seed program, the small fixture archives, and the
-# fixtures' data.pkl (when unzip is present). New inputs go to fuzz/corpus-pickle, crashes to fuzz/.
+# Seeds: state dicts and archives written by the target built as a seed program, the small fixture archives,
+# the legacy file's head, and the fixtures' data.pkl (when unzip is present). New inputs go to fuzz/corpus-pickle, crashes to fuzz/.
 MB_SHARED ?= ../shared
 fuzz-pickle:
 	@mkdir -p fuzz/corpus-pickle fuzz/seeds-pickle
@@ -121,7 +121,7 @@ fuzz-pickle:
 	$(CC) -g -O1 -DFUZZ_SEED_MAIN -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_pickle_seeds \
 		tests/fuzz_pickle.c formats/torchbin.c formats/safetensors.c core/core.c -ljansson -lz -lm
 	./fuzz/fuzz_pickle_seeds fuzz/seeds-pickle
-	T=$(MB_SHARED)/models/stories260K-torchbin; cp $$T/malicious-*.bin fuzz/seeds-pickle/; \
+	T=$(MB_SHARED)/models/stories260K-torchbin; cp $$T/malicious-*.bin fuzz/seeds-pickle/; head -c 4096 $$T/legacy-format.bin > fuzz/seeds-pickle/legacy-head; \
 	if command -v unzip >/dev/null; then for f in $$T/pytorch_model.bin $$T/tied-shared-storage.bin $$T/sharded-bf16/*.bin; do \
 		unzip -p $$f '*/data.pkl' > fuzz/seeds-pickle/pkl-$$(basename $$f .bin); done; fi
 	./fuzz/fuzz_pickle -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -artifact_prefix=fuzz/ fuzz/corpus-pickle fuzz/seeds-pickle

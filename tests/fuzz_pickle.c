@@ -1,13 +1,13 @@
 /* tests/fuzz_pickle.c: libFuzzer target for the PyTorch .bin reader (make fuzz-pickle): the zip parser,
  * the restricted pickle machine and the tensor assembly. An input starting with "PK" is a whole archive;
  * any other input is a pickle, wrapped here into a valid archive (members a/data.pkl and storages
- * a/data/0..3: 48 bytes, 6 bytes, empty, 64 bytes deflated) so that mutations reach the pickle machine
+ * a/data/0..3: 48 bytes, 6 bytes, empty, 64 bytes deflated; a/byteorder) so that mutations reach the pickle machine
  * instead of failing the CRC. Every input must either parse, with nbytes = numel * element size and every
  * byte of every tensor readable (inside the input, or in a buffer the file owns: ASan checks), or fail
  * with MB_EFORMAT, MB_EUNSUPPORTED or MB_ENOMEM.
  *
  * Built with -DFUZZ_SEED_MAIN instead, this file is a small program writing seed inputs into a directory:
- * state dicts over those storages in protocol 2 and 4, and one whole archive. */
+ * state dicts over those storages in protocol 2 and 4, and their whole archives (plain, zip64). */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -18,12 +18,12 @@ static const float st0[12] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
 static const uint8_t st1[6] = {1, 2, 3, 4, 5, 6};
 static const float st3[16] = {1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4};
 
-static void wrap(const uint8_t *pkl, size_t n, struct buf *z) {
+static void wrap(const uint8_t *pkl, size_t n, struct buf *z, int zip64) {
     struct zm m[] = {{"a/data.pkl", pkl, n, 0}, {"a/data/0", st0, sizeof st0, 0}, {"a/data/1", st1, sizeof st1, 0},
-                     {"a/data/2", "", 0, 0}, {"a/data/3", st3, sizeof st3, 1}};
-    struct zopt o = {.align = 1};
+                     {"a/data/2", "", 0, 0}, {"a/data/3", st3, sizeof st3, 1}, {"a/byteorder", "little", 6, 0}};
+    struct zopt o = {.align = 1, .zip64 = zip64};
     struct zinfo zi;
-    zip_build(z, m, 5, &o, &zi);
+    zip_build(z, m, 6, &o, &zi);
 }
 
 static void parse(const uint8_t *data, size_t size) {
@@ -50,7 +50,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         parse(data, size);
     } else {
         struct buf z = {0};
-        wrap(data, size, &z);
+        wrap(data, size, &z, 0);
         parse(z.p, z.n);
         b_free(&z);
     }
@@ -97,7 +97,7 @@ int main(int argc, char **argv) {
     char path[4096];
     for (int p4 = 0; p4 < 2; p4++) {
         seed_dict(&pk, p4);
-        wrap(pk.p, pk.n, &z);
+        wrap(pk.p, pk.n, &z, p4); /* the protocol 4 seed's archive has zip64 records */
         struct mb_st_file *f = NULL;
         if (mb_torch_parse("seed", z.p, z.n, &f) || f->n != 9) { fprintf(stderr, "seed %d does not parse: %s\n", p4, mb_errmsg()); return 1; }
         mb_st_close(f);
