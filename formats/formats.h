@@ -124,8 +124,8 @@ int mb_st_get(const struct mb_st_set *s, const char *name, const struct mb_tenso
  * duplicates), local against central headers, CRC-32 (skipped when 0: torch can save without it), deflate
  * output size, storage size == numel * element size, every element of every tensor inside its storage.
  * Tensors: contiguous ones are views into the mapping (or into the inflated storage); strided ones
- * (transposed, expanded) are copied into owned contiguous buffers; tensors sharing a storage (tied
- * weights) share its bytes. Legacy files (torch < 1.6, not zip) are refused with a message saying so. */
+ * (transposed, expanded) and ones not aligned to their element size are copied into owned contiguous
+ * buffers; tensors sharing a storage (tied weights) share its bytes. Legacy files (torch < 1.6, not zip) are refused with a message saying so. */
 
 /* Parse a complete archive held in memory (buf, size); `name` is used in messages. Views point into buf,
  * which must outlive the result; owned copies are freed by mb_st_close. MB_EFORMAT (malformed), or
