@@ -580,6 +580,54 @@ static void test_synthetic_good(void) {
     }
 }
 
+/* many storages (the storage table grows past its first size), each tensor the transpose of its own */
+static void test_many_storages(void) {
+    enum { N = 300 };
+    static char keys[N][16], names[N][40];
+    static float data[N][6];
+    struct buf pk = {0}, z = {0};
+    struct zm *m = calloc(N + 1, sizeof *m);
+    pk_begin(&pk);
+    b_u8(&pk, '}');
+    b_u8(&pk, '(');
+    const int64_t sh[] = {3, 2}, st[] = {1, 3};
+    for (int i = 0; i < N; i++) {
+        snprintf(keys[i], sizeof keys[i], "%d", i);
+        snprintf(names[i], sizeof names[i], "archive/data/%d", i);
+        for (int k = 0; k < 6; k++) data[i][k] = (float)(i * 10 + k);
+        char nm[32];
+        snprintf(nm, sizeof nm, "layer.%d", i);
+        pk_str(&pk, nm);
+        pk_tensor(&pk, "FloatStorage", keys[i], 6, 0, 2, sh, st);
+        m[i + 1] = (struct zm){names[i], data[i], sizeof data[i], 0};
+    }
+    b_u8(&pk, 'u');
+    b_u8(&pk, '.');
+    m[0] = (struct zm){"archive/data.pkl", pk.p, pk.n, 0};
+    struct zopt o = {.align = 1};
+    struct zinfo *zi = malloc(sizeof *zi);
+    zip_build(&z, m, N + 1, &o, zi);
+    char path[600];
+    snprintf(path, sizeof path, "%s/many.bin", tmpdir);
+    write_bytes(path, z.p, z.n);
+    struct mb_st_file *f = NULL;
+    CHECK_MSG(mb_torch_open(path, &f) == 0, "%s", mb_errmsg());
+    if (f) {
+        CHECK_EQ(f->n, N);
+        int bad = 0;
+        for (int i = 0; i < N && i < f->n; i++) /* t[r][c] = storage[c * 3 + r] */
+            for (int r = 0; r < 3; r++)
+                for (int c = 0; c < 2; c++) bad += f32_at(&f->t[i], r * 2 + c) != data[i][c * 3 + r];
+        CHECK_EQ(bad, 0);
+        CHECK_EQ(f->n_owned, N);
+    }
+    mb_st_close(f);
+    free(zi);
+    free(m);
+    b_free(&pk);
+    b_free(&z);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* malformed archives and pickles                                                                   */
 
@@ -827,6 +875,10 @@ static void test_malformed_pickle(void) {
     pickle_one(&pk, "FloatStorage", "0", 12, 0, 2, huge, hst);
     archive_with(&pk, &z, &zi);
     check_bad("element count overflow", "overflow", z.p, z.n);
+    const int64_t sh4[] = {4}, st_max[] = {INT64_MAX};
+    pickle_one(&pk, "FloatStorage", "0", 12, 0, 1, sh4, st_max);
+    archive_with(&pk, &z, &zi);
+    check_bad("stride overflow", "strides overflow", z.p, z.n);
     pickle_one(&pk, "FloatStorage", "0", 12, 0, 2, neg, st34);
     archive_with(&pk, &z, &zi);
     check_bad("negative size", "non-negative", z.p, z.n);
@@ -912,6 +964,7 @@ int main(void) {
     RUN(test_fixture_legacy);
     RUN(test_fixture_malicious);
     RUN(test_synthetic_good);
+    RUN(test_many_storages);
     RUN(test_malformed_zip);
     RUN(test_malformed_pickle);
     RUN(test_bin_index);

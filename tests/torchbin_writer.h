@@ -96,7 +96,8 @@ static inline void pk_tensor(struct buf *b, const char *cls, const char *key, in
 
 struct zm { const char *name; const void *data; size_t len; int deflate; };
 struct zopt { int zip64, align, misalign; };
-struct zinfo { size_t lho[16], data[16], cde[16], cd_off, eocd; };
+#define ZW_MAX 512 /* members per archive */
+struct zinfo { size_t lho[ZW_MAX], data[ZW_MAX], cde[ZW_MAX], cd_off, eocd; };
 
 static inline void raw_deflate(const void *in, size_t n, struct buf *out) {
     z_stream s;
@@ -120,10 +121,10 @@ static inline void raw_deflate(const void *in, size_t n, struct buf *out) {
  * zip64 end records when asked); `align` pads every data start to 64 bytes like torch, `misalign` to
  * 64k + 1 */
 static inline void zip_build(struct buf *out, const struct zm *m, int n, const struct zopt *o, struct zinfo *zi) {
-    struct buf comp[16];
-    memset(comp, 0, sizeof comp);
-    uint32_t crc[16];
-    if (n > 16) { fprintf(stderr, "zip_build: at most 16 members\n"); exit(1); }
+    if (n > ZW_MAX) { fprintf(stderr, "zip_build: at most %d members\n", ZW_MAX); exit(1); }
+    struct buf *comp = calloc((size_t)n + 1, sizeof *comp);
+    uint32_t *crc = calloc((size_t)n + 1, sizeof *crc);
+    if (!comp || !crc) { perror("calloc"); exit(1); }
     out->n = 0;
     for (int i = 0; i < n; i++) {
         crc[i] = (uint32_t)crc32(0, m[i].data, (uInt)m[i].len);
@@ -180,6 +181,8 @@ static inline void zip_build(struct buf *out, const struct zm *m, int n, const s
     b_u32(out, o->zip64 ? 0xffffffffu : (uint32_t)cd_size); b_u32(out, o->zip64 ? 0xffffffffu : (uint32_t)zi->cd_off);
     b_u16(out, 0);
     for (int i = 0; i < n; i++) b_free(&comp[i]);
+    free(comp);
+    free(crc);
 }
 
 #endif
