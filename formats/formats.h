@@ -119,7 +119,8 @@ int mb_st_get(const struct mb_st_set *s, const char *name, const struct mb_tenso
  * only the opcodes torch emits, only the globals collections.OrderedDict, torch._utils._rebuild_tensor_v2,
  * _rebuild_parameter(_with_state), torch.{Float,Double,Half,BFloat16,Long,Int,Short,Char,Byte,Bool}Storage
  * and torch dtypes; any other global is refused by name when its opcode is read (nothing is ever called:
- * the machine only builds values). Bounded: pickle size, values, memo, stack, nesting depth; no recursion.
+ * the machine only builds values). Bounded: pickle size, values, container items, memo, stack, nesting
+ * depth; no recursion.
  * Checked: every zip offset and size against the file, member names (no absolute or '..' paths, no
  * duplicates), local against central headers, CRC-32 (skipped when 0: torch can save without it), deflate
  * output size, storage size == numel * element size, every element of every tensor inside its storage.

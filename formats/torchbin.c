@@ -17,6 +17,8 @@
  * room for ~250k tensors while bounding what a hostile file can make us allocate. */
 #define TB_MAX_PICKLE (256u << 20)  /* data.pkl bytes */
 #define TB_MAX_VALUES (1u << 22)    /* values the pickle machine may create */
+#define TB_MAX_STACK (1u << 20)     /* stack entries (BINGET pushes without creating a value) */
+#define TB_MAX_ITEMS (1u << 24)     /* container items in all (APPEND of one value repeats it) */
 #define TB_MAX_DEPTH 64             /* MARK nesting and container nesting */
 #define TB_MAX_NAME 1024            /* member, tensor and global names */
 #define TB_MAX_MEMBERS (1u << 20)   /* zip entries */
@@ -367,6 +369,7 @@ struct pm {
     size_t nmemo, memo_count;
     struct val **all; /* every value created, freed at the end */
     size_t nall, acap;
+    size_t nitems;    /* container items added */
     struct storage *st;
     int nst, stcap;
     int *slot; /* open-addressing table of storage indices by key (-1: empty), hcap slots */
@@ -451,6 +454,7 @@ static struct val *newval(struct pm *m, int kind) {
 
 static int push(struct pm *m, struct val *v) {
     if (!v) return MB_EFORMAT; /* newval recorded why */
+    if (m->sp >= TB_MAX_STACK) return pm_fail(m, MB_EFORMAT, "stack deeper than %u entries", TB_MAX_STACK);
     if (m->sp == m->scap) {
         size_t nc = m->scap ? m->scap * 2 : 64;
         struct val **ns = realloc(m->stack, nc * sizeof *ns);
@@ -472,6 +476,7 @@ static struct val *pop(struct pm *m) {
 
 static int add_item(struct pm *m, struct val *c, struct val *x) {
     if (x->depth + 1 > TB_MAX_DEPTH) return pm_fail(m, MB_EFORMAT, "values nested deeper than %d", TB_MAX_DEPTH);
+    if (++m->nitems > TB_MAX_ITEMS) return pm_fail(m, MB_EFORMAT, "more than %u container items", TB_MAX_ITEMS);
     if (c->n == c->cap) {
         uint32_t nc = c->cap ? c->cap * 2 : 4;
         struct val **ni = realloc(c->u.items, (size_t)nc * sizeof *ni);

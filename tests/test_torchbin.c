@@ -828,6 +828,17 @@ static void test_malformed_pickle(void) {
         archive_with(&pk, &z, &zi);
         check_bad("80 nested tuples", "deeper than 64", z.p, z.n);
     }
+    { /* a stack of a million and more references to one value (no new values: the stack bound stops it) */
+        struct buf r = {0};
+        b_u8(&r, ']');
+        b_u8(&r, 'q');
+        b_u8(&r, 0);
+        for (int i = 0; i < (1 << 20) + 8; i++) { b_u8(&r, 'h'); b_u8(&r, 0); }
+        pickle_raw(&pk, r.p, r.n);
+        b_free(&r);
+        archive_with(&pk, &z, &zi);
+        check_bad("stack of 2^20 entries", "stack deeper than", z.p, z.n);
+    }
     /* refused globals: named by module and name, whether called or not, GLOBAL or STACK_GLOBAL */
     static const char *const refused[][2] = {{"os", "system"}, {"builtins", "getattr"}, {"__builtin__", "exec"}, {"subprocess", "Popen"},
                                              {"torch", "load"}, {"torch._utils", "_rebuild_qtensor"}, {"numpy.core.multiarray", "_reconstruct"},
