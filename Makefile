@@ -13,6 +13,7 @@
 #   make fuzz-config  libFuzzer target for the config.json parser, seeded with ../shared's configs
 #   make fuzz-measurement  libFuzzer target for the measurement.json reader
 #   make fuzz-tokenizer  the same for the tokenizer.json reader
+#   make fuzz-pickle  libFuzzer target for the PyTorch .bin reader (zip + pickle), seeded from the fixtures
 #   make bench        build the benchmarks in bench/
 #   make clean
 
@@ -52,7 +53,7 @@ TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_SRC = $(wildcard bench/bench_*.c) bench/synth_model.c
 BENCH_BIN = $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test check asan gpu-test bench-gpu gpu-check fuzz fuzz-config fuzz-measurement fuzz-tokenizer bench clean
+.PHONY: all test check asan gpu-test bench-gpu gpu-check fuzz fuzz-config fuzz-measurement fuzz-tokenizer fuzz-pickle bench clean
 all: mixbit
 
 mixbit: $(BUILD)/mixbit
@@ -140,6 +141,21 @@ fuzz-tokenizer:
 	$(CC) -O1 -std=c11 -D_GNU_SOURCE -o fuzz/fuzz_tokenizer_seeds tests/fuzz_tokenizer_seeds.c -ljansson
 	./fuzz/fuzz_tokenizer_seeds fuzz/corpus-tokenizer
 	./fuzz/fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=20 -dict=tests/fuzz_tokenizer.dict fuzz/corpus-tokenizer
+
+# Seeds: state dicts and archives written by the target built as a seed program, the small fixture archives,
+# the legacy file's head, and the fixtures' data.pkl (when unzip is present). New inputs go to fuzz/corpus-pickle, crashes to fuzz/.
+MB_SHARED ?= ../shared
+fuzz-pickle:
+	@mkdir -p fuzz/corpus-pickle fuzz/seeds-pickle
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_pickle \
+		tests/fuzz_pickle.c formats/torchbin.c formats/safetensors.c core/core.c -ljansson -lz -lm
+	$(CC) -g -O1 -DFUZZ_SEED_MAIN -D_GNU_SOURCE -std=c11 -I. -o fuzz/fuzz_pickle_seeds \
+		tests/fuzz_pickle.c formats/torchbin.c formats/safetensors.c core/core.c -ljansson -lz -lm
+	./fuzz/fuzz_pickle_seeds fuzz/seeds-pickle
+	T=$(MB_SHARED)/models/stories260K-torchbin; cp $$T/malicious-*.bin fuzz/seeds-pickle/; head -c 4096 $$T/legacy-format.bin > fuzz/seeds-pickle/legacy-head; \
+	if command -v unzip >/dev/null; then for f in $$T/pytorch_model.bin $$T/tied-shared-storage.bin $$T/sharded-bf16/*.bin; do \
+		unzip -p $$f '*/data.pkl' > fuzz/seeds-pickle/pkl-$$(basename $$f .bin); done; fi
+	./fuzz/fuzz_pickle -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -artifact_prefix=fuzz/ fuzz/corpus-pickle fuzz/seeds-pickle
 
 bench: $(BENCH_BIN)
 

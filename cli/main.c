@@ -248,6 +248,27 @@ static int cmd_convert(int argc, char **argv) {
     return 0;
 }
 
+/* ---- convert-weights ---- */
+static int cmd_convert_weights(int argc, char **argv) {
+    struct mb_convert_weights_params p = {0};
+    const struct mb_opt opts[] = {{0}};
+    const struct mb_cmd_spec spec = {"convert-weights", "mixbit convert-weights IN OUT",
+                                     "Convert a PyTorch .bin checkpoint to safetensors without running its pickle.",
+                                     "IN is a .bin file, a pytorch_model.bin.index.json, or a model directory holding\n"
+                                     "pytorch_model.bin or its shards; OUT is a new (or empty) directory, or a .safetensors path.\n"
+                                     "Tensor names, dtypes, values and sharding are kept; config and tokenizer files are copied\n"
+                                     "when IN is a directory. The pickle is read by a restricted interpreter: anything but\n"
+                                     "tensors and their storages is refused by name. The output appears only when complete.\n"
+                                     "Example: mixbit convert-weights ../shared/models/stories260K-torchbin/sharded-bf16 out/bf16",
+                                     opts, 2, 2};
+    const char *pos[2];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    p.in = pos[0];
+    p.out = pos[1];
+    return finish(mb_convert_weights(&p));
+}
+
 /* ---- gpu ---- */
 static int cmd_gpu(int argc, char **argv) {
     const struct mb_opt opts[] = {{0}};
@@ -288,13 +309,14 @@ static const struct command commands[] = {
     {"convert", cmd_convert, "quantize a model to EXL2 and measure perplexity before and after"},
     {"tokenize", cmd_tokenize, "encode text to token ids, or decode ids"},
     {"ppl", cmd_ppl, "perplexity and KL divergence on a text"},
+    {"convert-weights", cmd_convert_weights, "PyTorch .bin checkpoint to safetensors (pickle never run)"},
     {"gpu", cmd_gpu, "report CUDA build and GPU availability"},
 };
 
 static void usage(FILE *f) {
     fprintf(f, "mixbit %s: quantize Hugging Face Llama / Mistral / Mixtral checkpoints to EXL2\n\n", MB_VERSION);
     fprintf(f, "usage: mixbit <command> [options]\n       mixbit <command> --help\n\ncommands:\n");
-    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++) fprintf(f, "  %-16s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\ncommon options: -q (quiet), -v (verbose), -h/--help; --version\n"
                "results go to stdout, progress and logs to stderr; exit 0 ok, 1 failure, 2 bad usage\n");
 }

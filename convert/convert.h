@@ -34,6 +34,14 @@ struct mb_ppl_cmd_params {
 /* Perplexity (and KL divergence) of a model on a text file; prints the result. */
 int mb_ppl_cmd(const struct mb_ppl_cmd_params *p);
 
+struct mb_convert_weights_params {
+    const char *in;  /* .bin/.pt/.pth file, a .bin.index.json, or a directory with pytorch_model.bin(.index.json) */
+    const char *out; /* a directory (created; may exist empty) or a .safetensors path */
+};
+/* PyTorch checkpoint -> safetensors: same names, dtypes, values and sharding (model.safetensors or
+ * model-0000k-of-0000N.safetensors + index), side files copied from a directory input. Atomic. */
+int mb_convert_weights(const struct mb_convert_weights_params *p);
+
 struct json_t;
 struct mb_convert_params {
     const char *in, *out;

@@ -37,8 +37,9 @@ int mb_dtype_parse(const char *s, enum mb_dtype *out);
 
 #define MB_MAX_DIMS 8
 
-/* One tensor of a safetensors file: a borrowed, zero-copy view into the file's mapping. `data` stays valid
- * until the owning file/set is closed. */
+/* One tensor of a safetensors file: a borrowed, zero-copy view into the file's mapping (PyTorch .bin: into
+ * the archive's mapping, or into a buffer the file owns). `data` stays valid until the owning file/set is
+ * closed. */
 struct mb_tensor_info {
     char *name;          /* owned by the file */
     enum mb_dtype dtype;
@@ -46,7 +47,7 @@ struct mb_tensor_info {
     int64_t shape[MB_MAX_DIMS];
     int64_t numel;
     size_t nbytes;
-    size_t offset;       /* begin offset inside the data area */
+    size_t offset;       /* begin offset inside the data area (PyTorch: in the archive; 0 when owned) */
     const void *data;    /* borrowed view */
     const char *file;    /* path of the file holding it (borrowed) */
 };
@@ -71,6 +72,8 @@ struct mb_st_file {
     struct mb_tensor_info *t;
     int n_meta;
     char **meta_keys, **meta_vals;
+    int n_owned;          /* PyTorch .bin: buffers holding inflated or re-strided tensors, freed by mb_st_close */
+    void **owned;
 };
 
 /* Parse a complete safetensors image held in memory (buf, size). `name` is used in messages. Tensor views
@@ -82,7 +85,8 @@ void mb_st_close(struct mb_st_file *f);
 const struct mb_tensor_info *mb_st_file_find(const struct mb_st_file *f, const char *name);
 const char *mb_st_meta(const struct mb_st_file *f, const char *key);
 
-/* A checkpoint: one file, a sharded set with an index, or every *.safetensors of a directory (EXL2). */
+/* A checkpoint: one file, a sharded set with an index, or every *.safetensors of a directory (EXL2).
+ * PyTorch .bin files (and pytorch_model.bin.index.json) are read by mb_torch_open into the same structures. */
 struct mb_st_set {
     char *path;
     int n_files;
@@ -91,14 +95,47 @@ struct mb_st_set {
     const struct mb_tensor_info **sorted; /* sorted by name */
 };
 
-/* Open `path`: a .safetensors file, a .index.json, or a directory (model.safetensors.index.json,
- * model.safetensors, or all *.safetensors). Duplicate names across shards and index/file disagreements
- * are errors. */
+/* Open `path`: a .safetensors or .bin file, a .index.json, or a directory (model.safetensors.index.json,
+ * model.safetensors, all *.safetensors, then pytorch_model.bin.index.json, pytorch_model.bin). Duplicate
+ * names across shards and index/file disagreements are errors. */
 int mb_st_set_open(const char *path, struct mb_st_set **out);
 void mb_st_set_close(struct mb_st_set *s);
 const struct mb_tensor_info *mb_st_find(const struct mb_st_set *s, const char *name);
 /* Same but records an error "tensor NAME not found in PATH" when missing. */
 int mb_st_get(const struct mb_st_set *s, const char *name, const struct mb_tensor_info **out);
+
+/* ------------------------------------------------------------------------------------------------ */
+/* PyTorch checkpoints (torch.save, torch >= 1.6), read without running pickle (formats/torchbin.c)    */
+/*
+ * A zip archive (APPNOTE.TXT; members stored, as torch writes them, or deflated; zip64 records and extra
+ * fields when present) whose members share one top folder PREFIX:
+ *   PREFIX/data.pkl     pickle (protocol 2, as torch.save writes; protocols 3-5 opcodes accepted) of a
+ *                       dict or collections.OrderedDict {name: tensor}
+ *   PREFIX/data/KEY     raw little-endian bytes of storage KEY
+ *   PREFIX/byteorder    optional, "little" (anything else is refused); other members are ignored
+ * Each tensor is REDUCE(torch._utils._rebuild_tensor_v2, (storage, offset, size, stride, requires_grad,
+ * OrderedDict() [, metadata])), optionally wrapped in _rebuild_parameter; the storage is a persistent id
+ * ('storage', torch.<T>Storage, KEY, location, numel). The pickle is interpreted by a restricted machine:
+ * only the opcodes torch emits, only the globals collections.OrderedDict, torch._utils._rebuild_tensor_v2,
+ * _rebuild_parameter(_with_state), torch.{Float,Double,Half,BFloat16,Long,Int,Short,Char,Byte,Bool}Storage
+ * and torch dtypes; any other global is refused by name when its opcode is read (nothing is ever called:
+ * the machine only builds values). Bounded: pickle size, values, container items, memo, stack, nesting
+ * depth; no recursion.
+ * Checked: every zip offset and size against the file, member names (no absolute or '..' paths, no
+ * duplicates), local against central headers, CRC-32 (skipped when 0: torch can save without it), deflate
+ * output size, storage size == numel * element size, every element of every tensor inside its storage.
+ * Tensors: contiguous ones are views into the mapping (or into the inflated storage); strided ones
+ * (transposed, expanded) and ones not aligned to their element size are copied into owned contiguous
+ * buffers; tensors sharing a storage (tied weights) share its bytes. Legacy files (torch < 1.6, not zip) are refused with a message saying so. */
+
+/* Parse a complete archive held in memory (buf, size); `name` is used in messages. Views point into buf,
+ * which must outlive the result; owned copies are freed by mb_st_close. MB_EFORMAT (malformed), or
+ * MB_EUNSUPPORTED (legacy format, refused global, unsupported storage type or compression). */
+int mb_torch_parse(const char *name, const uint8_t *buf, size_t size, struct mb_st_file **out);
+/* mmap and parse a .bin file; the result is closed with mb_st_close. */
+int mb_torch_open(const char *path, struct mb_st_file **out);
+/* Whether a path names a PyTorch checkpoint by its extension (.bin, .pt, .pth). */
+int mb_torch_path(const char *path);
 
 /* ------------------------------------------------------------------------------------------------ */
 /* safetensors writer                                                                               */

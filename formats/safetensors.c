@@ -74,6 +74,8 @@ static void file_free(struct mb_st_file *f) {
     for (int i = 0; i < f->n_meta; i++) { free(f->meta_keys[i]); free(f->meta_vals[i]); }
     free(f->meta_keys);
     free(f->meta_vals);
+    for (int i = 0; i < f->n_owned; i++) free(f->owned[i]);
+    free(f->owned);
     free(f->path);
     free(f);
 }
@@ -262,7 +264,7 @@ static int set_add(struct mb_st_set *s, const char *path) {
     struct mb_st_file **nf = realloc(s->files, (s->n_files + 1) * sizeof *nf);
     if (!nf) return mb_fail(MB_ENOMEM, "%s: out of memory", path);
     s->files = nf;
-    int rc = mb_st_open(path, &s->files[s->n_files]);
+    int rc = mb_torch_path(path) ? mb_torch_open(path, &s->files[s->n_files]) : mb_st_open(path, &s->files[s->n_files]);
     if (rc) return rc;
     s->n_files++;
     return 0;
@@ -383,14 +385,16 @@ int mb_st_set_open(const char *path, struct mb_st_set **out) {
             }
             if (!rc && errno) rc = mb_fail(MB_EIO, "%s: reading the directory: %s", path, strerror(errno));
             closedir(d);
-            if (!rc && nn == 0) {
+            if (!rc && nn == 0) { /* PyTorch checkpoints, read without unpickling (torchbin.c) */
                 char bin[4096];
-                if (!mb_path_join(bin, sizeof bin, path, "pytorch_model.bin") && mb_file_exists(bin))
-                    rc = mb_fail(MB_EUNSUPPORTED, "%s: only PyTorch .bin files here; mixbit reads safetensors (it never unpickles .bin files)", path);
-                else if (!mb_path_join(bin, sizeof bin, path, "pytorch_model.bin.index.json") && mb_file_exists(bin))
-                    rc = mb_fail(MB_EUNSUPPORTED, "%s: only sharded PyTorch .bin files here; mixbit reads safetensors (it never unpickles .bin files)", path);
-                else
-                    rc = mb_fail(MB_EIO, "%s: no .safetensors files in the directory", path);
+                if (!mb_path_join(bin, sizeof bin, path, "pytorch_model.bin.index.json") && mb_file_exists(bin))
+                    rc = open_index(s, bin);
+                else if (!mb_path_join(bin, sizeof bin, path, "pytorch_model.bin") && mb_file_exists(bin)) {
+                    if (!(rc = set_add(s, bin))) rc = set_index(s);
+                } else
+                    rc = mb_fail(MB_EIO, "%s: no .safetensors files (nor pytorch_model.bin) in the directory", path);
+                free(names);
+                goto done;
             }
             if (!rc) qsort(names, nn, sizeof *names, cmp_str);
             for (size_t i = 0; i < nn && !rc; i++) {
