@@ -213,11 +213,11 @@ static void test_fixture_malicious(void) {
         CHECK(abs && symlink(abs, link) == 0);
         free(abs);
         snprintf(src, sizeof src, "%s/text/tinystories-sample.txt", th_shared());
-        const char *cmds[5] = {"inspect %s", "convert-weights %s %s/mal-out", "inspect %s", "ppl %s --text %s", "convert %s %s/mal-conv --no-eval"};
+        const char *cmds[5] = {"inspect %s", "convert-weights %s %s/mal-out", "inspect %s", "ppl %s --text %s", "convert %s %s/mal-conv --no-eval --cal %s"};
         for (int c = 0; c < 5; c++) {
             const char *target = c < 2 ? p : dir;
             char sub[1600];
-            snprintf(sub, sizeof sub, cmds[c], target, c == 3 ? src : tmpdir);
+            snprintf(sub, sizeof sub, cmds[c], target, c == 3 ? src : tmpdir, src);
             snprintf(cmd, sizeof cmd, "%s %s", mixbit(), sub);
             int ec = run(cmd, NULL, 0, err, sizeof err);
             CHECK_MSG(ec == 1, "%s: exit %d", cmd, ec);
@@ -432,13 +432,13 @@ static void test_model_commands(void) {
     char *pa = strstr(a, "\"mean_nll\""), *pb = strstr(b, "\"mean_nll\"");
     CHECK_MSG(pa && pb && strtod(strchr(pa, ':') + 1, NULL) == strtod(strchr(pb, ':') + 1, NULL), "%s vs %s", a, b);
     /* convert: the same EXL2 tensors, byte for byte */
-    const char *small = "--rows 4 --measure-rows 2 --length 64 -q --no-eval";
+    const char *small = "--bpw 7 --rows 4 --measure-rows 2 --length 64 -q --no-eval";
     char o1[600], o2[600];
     snprintf(o1, sizeof o1, "%s/conv-bin", tmpdir);
     snprintf(o2, sizeof o2, "%s/conv-st", tmpdir);
-    snprintf(cmd, sizeof cmd, "%s convert %s %s %s", mixbit(), fixdir(), o1, small);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s %s", mixbit(), fixdir(), o1, text, small);
     CHECK_MSG(run(cmd, NULL, 0, err, sizeof err) == 0, "%s", err);
-    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s %s", mixbit(), th_shared(), o2, small);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s --cal %s %s", mixbit(), th_shared(), o2, text, small);
     CHECK_MSG(run(cmd, NULL, 0, err, sizeof err) == 0, "%s", err);
     char f1[700], f2[700];
     snprintf(f1, sizeof f1, "%s/output.safetensors", o1);
