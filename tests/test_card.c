@@ -379,6 +379,25 @@ static void test_card_new_report(void) {
     t = slurp(dir, "README.md");
     CHECK(t && !strstr(t, "base_model") && !strstr(t, "etc/passwd"));
     free(t);
+    /* license forms in source cards: a block list, a flow list, something the Hub would refuse */
+    const char *cards[][2] = {{"---\nlicense:\n- mit\n---\nx\n", "license: \"mit\"\n"},
+                              {"---\nlicense: ['apache-2.0']\n---\nx\n", "license: \"apache-2.0\"\n"},
+                              {"---\nlicense: other\nlicense_name: kjv-license\nlicense_link: LICENSE\n---\nx\n", "license_link: \"LICENSE\"\n"},
+                              {"---\nlicense: Apache License 2.0\n---\nx\n", NULL}};
+    for (int i = 0; i < 4; i++) {
+        r = json_load_file(rp, 0, NULL);
+        json_object_set_new(r, "source_card", json_string(cards[i][0]));
+        json_object_set_new(r, "base_model", json_null());
+        json_dump_file(r, rp, 0);
+        json_decref(r);
+        CHECK_MSG(mb_card_write(dir, NULL) == 0, "%s", mb_errmsg());
+        t = slurp(dir, "README.md");
+        CHECK(t != NULL);
+        if (!t) continue;
+        CHECK_MSG(cards[i][1] ? strstr(t, cards[i][1]) != NULL : !strstr(t, "license:"), "card %d", i);
+        CHECK_MSG(front_matter_ok(t, why, sizeof why), "card %d: %s", i, why);
+        free(t);
+    }
 }
 
 /* a report from a much larger model (80 layers, dense) with no config.json beside it */
@@ -606,6 +625,35 @@ static void test_verify(void) {
         snprintf(mod, sizeof mod, "%s", broken[i].tensor);
         *strrchr(mod, '.') = 0;
         EXPECT_FAIL(dir, mod, broken[i].want);
+    }
+
+    /* sharded output (index + shards, as convert writes models over --shard-size): verifies; a shard gone does not */
+    copy_out("sharded", dir, sizeof dir);
+    snprintf(p, sizeof p, "%s/output.safetensors", dir);
+    struct mb_st_file *sf = NULL;
+    CHECK_MSG(mb_st_open(p, &sf) == 0, "%s", mb_errmsg());
+    if (sf) {
+        struct mb_st_entry *se = calloc((size_t)sf->n, sizeof *se);
+        for (int i = 0; i < sf->n; i++) {
+            se[i].name = sf->t[i].name;
+            se[i].dtype = sf->t[i].dtype;
+            se[i].ndim = sf->t[i].ndim;
+            memcpy(se[i].shape, sf->t[i].shape, sizeof se[i].shape);
+            se[i].data = sf->t[i].data;
+        }
+        const char *meta[] = {"format", "pt"};
+        int nsh = 0;
+        CHECK_MSG(mb_st_write_sharded(dir, "output", se, sf->n, meta, 1, sf->data_size / 3 + 1, &nsh) == 0, "%s", mb_errmsg());
+        CHECK(nsh >= 3);
+        free(se);
+        mb_st_close(sf);
+        CHECK_EQ(unlink(p), 0);
+        CHECK_EQ(mb_manifest_write(dir), 0);
+        int ec2 = verify(dir, out, sizeof out, err, sizeof err);
+        CHECK_MSG(ec2 == 0 && strstr(out, "OK "), "sharded: exit %d: %s", ec2, err);
+        snprintf(p, sizeof p, "%s/output-00002-of-%05d.safetensors", dir, nsh);
+        CHECK_EQ(unlink(p), 0);
+        EXPECT_FAIL(dir, "output-00002-of-", "missing");
     }
 
     /* a hostile or broken manifest */
