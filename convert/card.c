@@ -277,7 +277,8 @@ static void layers_free(struct layers *L) {
     memset(L, 0, sizeof *L);
 }
 
-static int read_layers(const char *rp, const json_t *mods, struct layers *L) {
+/* measured: 0 for a baseline conversion (--uniform), whose report carries no measured error */
+static int read_layers(const char *rp, const json_t *mods, int measured, struct layers *L) {
     memset(L, 0, sizeof *L);
     size_t nm = json_array_size(mods);
     if (!json_is_array(mods) || nm == 0) return mb_fail(MB_EFORMAT, "%s: no \"modules\" array", rp);
@@ -306,6 +307,7 @@ static int read_layers(const char *rp, const json_t *mods, struct layers *L) {
         double bpw, acc, err;
         if (!jnum(o, "bpw", &bpw)) { layers_free(L); return mb_fail(MB_EFORMAT, "%s: modules[%zu] has no bpw", rp, i); }
         if (!jnum(o, "error", &err)) err = jnum(o, "accuracy", &acc) ? 1.0 - acc : NAN;
+        if (!measured) err = NAN;
         (attn ? L->attn_bpw : L->ffn_bpw)[l] = bpw;
         (attn ? L->attn_err : L->ffn_err)[l] = err;
     }
@@ -430,7 +432,8 @@ static int chart_svg(const char *name, double target, double decoder_bpw, const 
     svg_text(b, W / 2, 30, "middle", 17, C_TEXT, "font-weight=\"bold\"", line);
     char db[64];
     fmt_bpw(decoder_bpw, db, sizeof db);
-    snprintf(line, sizeof line, "decoder average %s bpw; one bar per module (its chosen option), one dot per module (that option's measured error)", db);
+    if (have_err) snprintf(line, sizeof line, "decoder average %s bpw; one bar per module (its chosen option), one dot per module (that option's measured error)", db);
+    else snprintf(line, sizeof line, "decoder average %s bpw; one bar per module (no measured error in this report)", db);
     svg_text(b, W / 2, 52, "middle", 12, C_MUTED, NULL, line);
     /* grid and left axis */
     for (int v = 0; v <= ymax; v += ystep) {
@@ -565,7 +568,8 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
         rc = mb_fail(MB_EFORMAT, "%s: target_bpw and decoder_bpw must be numbers", rp);
         goto fail;
     }
-    if ((rc = read_layers(rp, json_object_get(r, "modules"), &L))) goto fail;
+    const char *uniform = jstr(r, "uniform");
+    if ((rc = read_layers(rp, json_object_get(r, "modules"), !uniform, &L))) goto fail;
     /* names, never paths */
     if (jstr(r, "name")) base_name(jstr(r, "name"), name, sizeof name);
     else if (jstr(r, "model")) base_name(jstr(r, "model"), name, sizeof name);
@@ -645,9 +649,14 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
     const char *ver = jstr(r, "mixbit_version");
     sb_puts(b, " quantized to EXL2, the format of ExLlamaV2, by mixbit");
     if (ver) { sb_puts(b, " "); md_escape(b, ver); }
-    sb_printf(b, ": %s bits per weight on average over the decoder's linear layers (target %s), the bits of every attention and %s block chosen "
-                 "from its measured quantization error under that budget",
-              db, tb, L.moe ? "MoE" : "MLP");
+    sb_printf(b, ": %s bits per weight on average over the decoder's linear layers (target %s), ", db, tb);
+    if (uniform) {
+        sb_puts(b, "one setting for every projection (");
+        md_escape(b, uniform);
+        sb_puts(b, ", a baseline without measurement)");
+    } else {
+        sb_printf(b, "the bits of every attention and %s block chosen from its measured quantization error under that budget", L.moe ? "MoE" : "MLP");
+    }
     double hb;
     if (jnum(r, "head_bits", &hb)) sb_printf(b, "; the output head at %.0f bits", hb);
     sb_puts(b, ".\n\n");
@@ -751,8 +760,8 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
     sb_printf(b, "## Bit allocation\n\n"
                  "![Bits per weight of the attention and %s modules of every layer, the target, and the measured error of the chosen options](mixbit-bits.svg)\n\n"
                  "Each bar is one module's chosen option in bits per weight (scales and group tables included); the dashed line is the target; each dot "
-                 "is that option's measured error (1 - accuracy of the module's output on the calibration rows), on the right-hand axis. Modules "
-                 "where quantization hurts more get more bits.\n\n",
+                 "is that option's measured error (1 - accuracy of the module's output on the calibration rows), on the right-hand axis. The "
+                 "allocation minimises the summed error of all modules within the bit budget, so bits go where they reduce the error most.\n\n",
               L.moe ? "MoE" : "MLP");
     sb_printf(b, "## Checking the files\n\n"
                  "`%s` lists the size and SHA-256 of every file; `mixbit verify DIR` checks them, the safetensors headers, every tensor "

@@ -146,7 +146,7 @@ static int64_t total_bytes(const struct flist *l) {
 /* hash every file of l (paths relative to dir), filling bytes and sha */
 static int hash_all(const char *dir, struct flist *l) {
     struct mb_progress prog;
-    mb_progress_begin(&prog, "hashing", "MB", total_bytes(l) >> 20);
+    mb_progress_begin(&prog, "hashing", "MiB", total_bytes(l) >> 20);
     int64_t done = 0;
     for (int i = 0; i < l->n; i++) {
         char p[4096];

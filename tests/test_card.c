@@ -438,6 +438,23 @@ static void test_chart_renders(void) {
     char *t = slurp(big, "README.md");
     CHECK(t && strstr(t, "# EXL2 4.65 bpw quantization of Llama-3.1-70B-Instruct\n") && strstr(t, "max_seq_len=4096") && strstr(t, "not evaluated"));
     free(t);
+    char *svg = slurp(big, "mixbit-bits.svg");
+    CHECK(svg && strstr(svg, "(log scale)") && strstr(svg, ">0</text>") && strstr(svg, ">75</text>") && !strstr(svg, ">76</text>"));
+    free(svg);
+    /* a baseline (--uniform) report has no measured error: bars only */
+    char rp[700];
+    snprintf(rp, sizeof rp, "%s/mixbit-report.json", big);
+    json_t *r = json_load_file(rp, 0, NULL);
+    json_object_set_new(r, "uniform", json_string("1:4b_128g"));
+    json_dump_file(r, rp, 0);
+    json_decref(r);
+    CHECK_MSG(mb_card_write(big, NULL) == 0, "%s", mb_errmsg());
+    t = slurp(big, "README.md");
+    svg = slurp(big, "mixbit-bits.svg");
+    CHECK(t && strstr(t, "one setting for every projection (1:4b\\_128g, a baseline without measurement)"));
+    CHECK(svg && !strstr(svg, "<circle") && strstr(svg, "bpw</title></rect>"));
+    free(t);
+    free(svg);
     const char *dirs[] = {outdir, big, NULL};
     char nr[600];
     snprintf(nr, sizeof nr, "%s/newreport", tmpdir);
