@@ -587,10 +587,6 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
     char license[256] = "", license_name[256] = "", license_link[512] = "";
     if (jstr(r, "license") && jstr(r, "license")[0]) snprintf(license, sizeof license, "%s", jstr(r, "license"));
     else if (src) fm_scalar(src_fm, src_fm_len, "license", license, sizeof license);
-    if (src && !strcmp(license, "other")) { /* the Hub wants the name and link of an "other" license */
-        fm_scalar(src_fm, src_fm_len, "license_name", license_name, sizeof license_name);
-        fm_scalar(src_fm, src_fm_len, "license_link", license_link, sizeof license_link);
-    }
     if (license[0] == '[') { /* a flow list: its first item */
         size_t k = strcspn(license + 1, ",]");
         memmove(license, license + 1, k);
@@ -600,6 +596,10 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
         while (z > a && (z[-1] == ' ' || z[-1] == '"' || z[-1] == '\'')) z--;
         memmove(license, a, (size_t)(z - a));
         license[z - a] = 0;
+    }
+    if (src && !strcmp(license, "other")) { /* the Hub wants the name and link of an "other" license */
+        fm_scalar(src_fm, src_fm_len, "license_name", license_name, sizeof license_name);
+        fm_scalar(src_fm, src_fm_len, "license_link", license_link, sizeof license_link);
     }
     if (license[0] && !license_id_ok(license)) {
         mb_warn("%s: license \"%.100s\" is not a Hub license id: left out of the front matter", rp, license);
@@ -728,6 +728,9 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
     /* ---- how to load it ---- */
     char dirname[256];
     base_name(out_dir, dirname, sizeof dirname);
+    char *real = (!strcmp(dirname, ".") || !strcmp(dirname, "..")) ? realpath(out_dir, NULL) : NULL; /* "mixbit card ." */
+    if (real) base_name(real, dirname, sizeof dirname);
+    free(real);
     size_t dl = strlen(dirname); /* convert writes into OUT_DIR.partial before renaming it */
     if (dl > 8 && !strcmp(dirname + dl - 8, ".partial")) dirname[dl - 8] = 0;
     int plain = 1; /* the folder name as a Python string literal: only when it needs no escaping */
