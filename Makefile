@@ -31,7 +31,7 @@ BUILD ?= build$(if $(filter 0,$(CUDA)),-nocuda)
 OPT ?= -O2 -march=native -fno-math-errno
 SAN ?=
 CFLAGS = $(OPT) -g $(SAN) -std=c11 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -D_GNU_SOURCE -I$(BLAS_INC)
-LDLIBS = $(SAN) -ljansson -lz -lpcre2-8 -lutf8proc -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
+LDLIBS = $(SAN) -ljansson -lcrypto -lz -lpcre2-8 -lutf8proc -L$(BLAS_LIB) -Wl,-rpath,$(BLAS_LIB) -lopenblas -lm -fopenmp
 
 LIB_SRC = $(wildcard core/*.c formats/*.c calib/*.c quant/*.c convert/*.c)
 CU_SRC = $(wildcard kernels/*.cu)

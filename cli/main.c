@@ -146,6 +146,7 @@ static int cmd_convert(int argc, char **argv) {
         {"cal", MB_OPT_STR, &p.cal, "FILE", "calibration text: .txt / .jsonl / .gz or a directory (required, but for the bundled demo model)"},
         {"cal-name", MB_OPT_STR, &p.cal_name, "NAME", "name of the calibration text in config.json and the model card (default: its file name)"},
         {"base-model", MB_OPT_STR, &p.base_model, "ID", "the source's Hub repository id for the model card (default: config.json _name_or_path)"},
+        {"quantized-by", MB_OPT_STR, &p.quantized_by, "NAME", "who made this quantization, for the model card"},
         {"device", MB_OPT_STR, &p.device, "NAME", "auto (default: the GPU when one is usable), cuda or cpu"},
         {"field", MB_OPT_STR, &p.cal_field, "NAME", "jsonl field holding the text (default text)"},
         {"rows", MB_OPT_INT, &p.rows, "N", "calibration rows for quantization (default 100)", 1, MB_CLI_MAX_TOKENS},
@@ -269,6 +270,53 @@ static int cmd_convert_weights(int argc, char **argv) {
     return finish(mb_convert_weights(&p));
 }
 
+/* ---- card ---- */
+static int cmd_card(int argc, char **argv) {
+    struct mb_card_params p = {0};
+    const struct mb_opt opts[] = {
+        {"base-model", MB_OPT_STR, &p.base_model, "ID", "Hub repository id of the source model (default: from the report)"},
+        {"quantized-by", MB_OPT_STR, &p.quantized_by, "NAME", "who made this quantization (default: from the report, else left out)"},
+        {0},
+    };
+    const struct mb_cmd_spec spec = {"card", "mixbit card OUT_DIR [--base-model ID] [--quantized-by NAME]",
+                                     "Write the model card (README.md) and bit-allocation chart (mixbit-bits.svg) of a converted model.",
+                                     "Both are built from OUT_DIR/mixbit-report.json alone, so they can be re-created at any time.\n"
+                                     "When OUT_DIR has a " MB_MANIFEST_NAME ", the entries of the two files are updated in it.\n"
+                                     "Example: mixbit card out/kjv-3.5bpw --base-model mixbit-dev/kjv-llama --quantized-by me",
+                                     opts, 1, 1};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    int rc = mb_card_write(pos[0], &p);
+    char mp[4200];
+    snprintf(mp, sizeof mp, "%s/%s", pos[0], MB_MANIFEST_NAME);
+    const char *names[] = {"README.md", "mixbit-bits.svg"};
+    if (!rc && mb_file_exists(mp)) rc = mb_manifest_refresh(pos[0], names, 2);
+    if (!rc) printf("wrote %s/README.md and %s/mixbit-bits.svg\n", pos[0], pos[0]);
+    return finish(rc);
+}
+
+/* ---- verify ---- */
+static int cmd_verify(int argc, char **argv) {
+    const struct mb_opt opts[] = {{0}};
+    const struct mb_cmd_spec spec = {"verify", "mixbit verify OUT_DIR",
+                                     "Check a converted model: files against " MB_MANIFEST_NAME ", tensors against config.json, EXL2 structure.",
+                                     "Every file of the manifest is re-hashed (size, then SHA-256; a missing or extra file is a problem),\n"
+                                     "the safetensors headers are checked and every tensor config.json implies must be present with its\n"
+                                     "dtype and shape, and every EXL2 layer must unpack (group table, permutation, finite scales).\n"
+                                     "Exit 0 with one line on stdout when all holds, 1 naming the first problem.",
+                                     opts, 1, 1};
+    const char *pos[1];
+    int np, r = mb_args_parse(&spec, argc, argv, pos, &np);
+    if (r) return r == 1 ? 0 : 2;
+    struct mb_verify_info vi;
+    int rc = mb_verify_ex(pos[0], &vi);
+    if (!rc)
+        printf("OK %s: %d files (%.1f MB) match %s; %s, %d tensors, %d EXL2 layers valid\n", pos[0], vi.files, vi.bytes / 1e6, MB_MANIFEST_NAME, vi.arch,
+               vi.tensors, vi.exl2_layers);
+    return finish(rc);
+}
+
 /* ---- gpu ---- */
 static int cmd_gpu(int argc, char **argv) {
     const struct mb_opt opts[] = {{0}};
@@ -310,6 +358,8 @@ static const struct command commands[] = {
     {"tokenize", cmd_tokenize, "encode text to token ids, or decode ids"},
     {"ppl", cmd_ppl, "perplexity and KL divergence on a text"},
     {"convert-weights", cmd_convert_weights, "PyTorch .bin checkpoint to safetensors (pickle never run)"},
+    {"card", cmd_card, "write the model card and bit-allocation chart of a converted model"},
+    {"verify", cmd_verify, "check a converted model against its manifest, config and EXL2 rules"},
     {"gpu", cmd_gpu, "report CUDA build and GPU availability"},
 };
 

@@ -888,6 +888,7 @@ static int preflight(struct conv *cv, int *found) {
     if ((rc = mb_tokenizer_load(cv->m->dir, &cv->tok))) return mb_fail_ctx(rc, "the model's tokenizer is needed for calibration");
     cv->bos = mb_tokenizer_adds_bos(cv->tok) && mb_tokenizer_bos(cv->tok) >= 0;
     if (!mb_head_option(p->head_bits)) return mb_fail(MB_EUSAGE, "--head-bits must be 2, 3, 4, 5, 6 or 8");
+    if (p->base_model && !mb_hub_repo_id_ok(p->base_model)) return mb_fail(MB_EUSAGE, "--base-model \"%s\" is not a Hub repository id (org/name)", p->base_model);
     cv->nmod = (int)(2 * cv->c->n_layers);
     size_t accb;
     if ((rc = mb_size_mul(&accb, MB_SIZE_LIMIT, "accuracy table", cv->nmod, MB_MODULE_OPTIONS_MAX, sizeof *cv->acc))) return rc;
@@ -1109,6 +1110,7 @@ static json_t *report_json(const struct conv *cv) {
     json_object_set_new(report, "model", json_string(base_name(cv->m->dir)));
     json_object_set_new(report, "output", json_string(base_name(p->out)));
     json_object_set_new(report, "base_model", base_model_json(cv));
+    if (p->quantized_by) json_object_set_new(report, "quantized_by", json_string(p->quantized_by));
     char src[4400], *card = NULL;
     size_t cl;
     mb_path_join(src, sizeof src, cv->m->dir, "README.md");
@@ -1229,7 +1231,10 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     report = report_json(cv);
     if (cv->stage == ST_EVAL && (rc = stage_evaluate(cv, report, t_start))) goto out;
     if (cv->stage == ST_DONE) {
-        if ((rc = rm_rf(cv->work))) goto out;
+        /* the published repository: the work files go, the model card and chart come from the report, the
+         * manifest hashes everything; nothing is written after it */
+        struct mb_card_params cp = {p->base_model, p->quantized_by};
+        if ((rc = rm_rf(cv->work)) || (rc = mb_card_write(cv->part, &cp)) || (rc = mb_manifest_write(cv->part))) goto out;
         if (rename(cv->part, cv->out) != 0) { rc = mb_fail(MB_EIO, "rename %s -> %s: %s", cv->part, cv->out, strerror(errno)); goto out; }
     }
 out:

@@ -1,4 +1,4 @@
-/* convert/convert.h: the end-to-end jobs behind each mixbit command (inspect, tokenize, ppl, convert).
+/* convert/convert.h: the end-to-end jobs behind each mixbit command (inspect, tokenize, ppl, convert, card, verify).
  * The CLI parses options into these params structs and calls one entry; results go to stdout, progress
  * and logs to stderr. Each entry returns 0 or a negative MB_E* status with mb_errmsg() set. */
 #ifndef MB_CONVERT_H
@@ -68,9 +68,46 @@ struct mb_convert_params {
     int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
     const char *device;         /* "auto" (default: CUDA when a usable GPU is present), "cuda" or "cpu" */
     const char *base_model;     /* the source repository id for the model card (default: config.json _name_or_path) */
+    const char *quantized_by;   /* for the model card (default: left out) */
 };
 void mb_convert_default_params(struct mb_convert_params *p);
 /* Run (or resume) a conversion; *report (optional) receives the summary (json_t *, caller decrefs). */
 int mb_convert(const struct mb_convert_params *p, struct json_t **report);
+
+/* ---- the published repository (convert/card.c, convert/manifest.c) ---- */
+
+/* Model card overrides; NULL fields fall back to the report's "base_model" / "quantized_by". */
+/* 1 when id is a valid Hugging Face Hub repository id ("org/name") */
+int mb_hub_repo_id_ok(const char *id);
+struct mb_card_params {
+    const char *base_model;   /* Hub repo id of the source model ("org/name"); an invalid id is MB_EUSAGE */
+    const char *quantized_by; /* who made this quantization; omitted from the card when unknown */
+};
+/* Write OUT_DIR/mixbit-bits.svg (bits per weight per layer for attention and MLP/MoE, the target, the
+ * measured error of the chosen options) and OUT_DIR/README.md (Hub front matter, results table, how to load
+ * it, the chart, the source model's card) from OUT_DIR/mixbit-report.json alone, both atomically. Names a
+ * file only by its base name: no path of the converting machine appears. p may be NULL. */
+int mb_card_write(const char *out_dir, const struct mb_card_params *p);
+
+#define MB_MANIFEST_NAME "mixbit-manifest.json"
+/* Write OUT_DIR/mixbit-manifest.json atomically: {"files": [{"path", "bytes", "sha256"}]} sorted by path,
+ * every regular file under OUT_DIR except the manifest and names starting with '.'. Call it last. */
+int mb_manifest_write(const char *out_dir);
+/* Re-hash the named files (relative to OUT_DIR) into an existing manifest, adding them when absent, and
+ * leave every other entry as it was (`mixbit card` after the manifest was written). */
+int mb_manifest_refresh(const char *out_dir, const char *const *names, int n);
+
+/* Check an output directory: every file of the manifest present with its size and SHA-256 and no other
+ * file; the safetensors headers and every tensor config.json implies with its dtype and shape
+ * (mb_model_open); every EXL2 layer through mb_exl2_from_set / mb_exl2_validate and its q_scale_max
+ * finite and > 0. Returns 0, or MB_EFORMAT (or the I/O status) with a message naming the first problem. */
+int mb_verify(const char *out_dir);
+struct mb_verify_info {
+    int files, tensors, exl2_layers;
+    int64_t bytes;
+    char arch[64];
+};
+/* The same, filling *info (optional) for a summary line. */
+int mb_verify_ex(const char *out_dir, struct mb_verify_info *info);
 
 #endif
