@@ -550,8 +550,12 @@ static void bits8_all(void *d, size_t n) {
 static void test_verify(void) {
     NEED_CONVERSION();
     char out[4096], err[8192], dir[700], cmd[2048], p[800];
-    /* no manifest yet */
+    /* convert wrote the manifest; without it verify refuses; rewritten, it verifies */
     int ec = verify(outdir, out, sizeof out, err, sizeof err);
+    CHECK_MSG(ec == 0, "fresh conversion: exit %d: %s", ec, err);
+    snprintf(p, sizeof p, "%s/%s", outdir, MB_MANIFEST_NAME);
+    CHECK_EQ(unlink(p), 0);
+    ec = verify(outdir, out, sizeof out, err, sizeof err);
     CHECK_MSG(ec == 1 && strstr(err, "no mixbit-manifest.json"), "exit %d: %s", ec, err);
     CHECK_MSG(mb_manifest_write(outdir) == 0, "%s", mb_errmsg());
     ec = verify(outdir, out, sizeof out, err, sizeof err);
