@@ -7,6 +7,9 @@
  * The table is the reference every other backend is tested against. Its functions must be called from one
  * thread at a time (they parallelize internally); the tile scratch is shared. */
 #include <cblas.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,17 +94,41 @@ static void exl2_rows(const struct mb_exl2_layer *L, const struct exl2_prep *p, 
     }
 }
 
+/* n half-precision values (possibly unaligned) to f32: bf16 is the high half of an f32; f16 through F16C when
+ * the CPU has it (exact either way) */
+static void bf16_to_f32_n(const uint8_t *src, int64_t n, float *out) {
+    uint32_t *o = (uint32_t *)out;
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        o[i] = (uint32_t)h << 16;
+    }
+}
+
+static void f16_to_f32_n(const uint8_t *src, int64_t n, float *out) {
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+#endif
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        out[i] = mb_f16_to_f32(h);
+    }
+}
+
 /* rows [r0, r1) of a float view into out [(r1 - r0), k] */
 static void float_rows(const struct mb_weight *w, int64_t r0, int64_t r1, float *out) {
     int64_t k = w->k, n = (r1 - r0) * k;
     if (w->type == MB_W_F32) { memcpy(out, (const float *)w->data + r0 * k, (size_t)n * sizeof *out); return; }
     const uint8_t *src = (const uint8_t *)w->data + (size_t)(r0 * k) * 2;
+    const int64_t B = 16384; /* blocks of values per task */
     int bf = w->type == MB_W_BF16;
 #pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) {
-        uint16_t h;
-        memcpy(&h, src + 2 * i, 2);
-        out[i] = bf ? mb_bf16_to_f32(h) : mb_f16_to_f32(h);
+    for (int64_t b0 = 0; b0 < n; b0 += B) {
+        int64_t m = n - b0 < B ? n - b0 : B;
+        if (bf) bf16_to_f32_n(src + 2 * b0, m, out + b0);
+        else f16_to_f32_n(src + 2 * b0, m, out + b0);
     }
 }
 

@@ -98,45 +98,53 @@ static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *q
         float v = rintf(16.0f * sqrtf(base[n] / qmax));
         qs[n] = (uint8_t)(v < 1 ? 1 : v > 16 ? 16 : v);
     }
+    /* 97 candidate maxima, each scored over the whole group by one thread (one parallel region per group,
+     * not per candidate: cheap with a passive OpenMP wait policy). The sum of a row has a fixed order (8
+     * lanes, n % 8, added pairwise at the end: the same on any vector width), rows are added in row order:
+     * the result does not depend on the CPU or the number of threads. */
+    double cerr[97];
+    uint16_t ch[97];
+#pragma omp parallel if (R * N > 65536)
+    {
+        float *sc = malloc((size_t)N * 2 * sizeof *sc), *inv = sc ? sc + N : NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < 97; i++) {
+            float p = 0.70f + 0.5f * (float)i / 96.0f;
+            uint16_t h = mb_f32_to_f16(qmax * p);
+            ch[i] = h;
+            cerr[i] = INFINITY;
+            if (mb_f16_to_f32(h) == 0 || !sc) continue;
+            for (int64_t n = 0; n < N; n++) { sc[n] = mb_exl2_scale(qs[n] - 1, h); inv[n] = 1.0f / sc[n]; }
+            double err = 0;
+            for (int64_t r = 0; r < R; r++) {
+                const float *row = wt + r * N;
+                float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                int64_t n = 0;
+                for (; n + 8 <= N; n += 8)
+                    for (int k = 0; k < 8; k++) {
+                        float w = row[n + k];
+                        float q = rintf(w * inv[n + k]) + (float)zero;
+                        q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
+                        float d = fabsf((q - (float)zero) * sc[n + k] - w);
+                        lane[k] += d * d * d * sqrtf(d);
+                    }
+                for (; n < N; n++) {
+                    float w = row[n];
+                    float q = rintf(w * inv[n]) + (float)zero;
+                    q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
+                    float d = fabsf((q - (float)zero) * sc[n] - w);
+                    lane[n % 8] += d * d * d * sqrtf(d);
+                }
+                err += ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+            }
+            cerr[i] = err;
+        }
+        free(sc);
+    }
     double best = INFINITY;
     uint16_t best_h = mb_f32_to_f16(qmax);
-    float *sc = malloc((size_t)N * 2 * sizeof *sc), *inv = sc + N, *rowerr = malloc((size_t)R * sizeof *rowerr);
-    for (int i = 0; i < 97; i++) {
-        float p = 0.70f + 0.5f * (float)i / 96.0f;
-        uint16_t h = mb_f32_to_f16(qmax * p);
-        if (mb_f16_to_f32(h) == 0) continue;
-        for (int64_t n = 0; n < N; n++) { sc[n] = mb_exl2_scale(qs[n] - 1, h); inv[n] = 1.0f / sc[n]; }
-        /* rows outer, columns inner: contiguous and vectorizable. The sum of a row has a fixed order (8 lanes,
-         * n % 8, added pairwise at the end: the same on any vector width), the rows' sums are added in row
-         * order afterwards: the result does not depend on the CPU or the number of threads */
-#pragma omp parallel for schedule(static) if (R * N > 65536)
-        for (int64_t r = 0; r < R; r++) {
-            const float *row = wt + r * N;
-            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t n = 0;
-            for (; n + 8 <= N; n += 8)
-                for (int k = 0; k < 8; k++) {
-                    float w = row[n + k];
-                    float q = rintf(w * inv[n + k]) + (float)zero;
-                    q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
-                    float d = fabsf((q - (float)zero) * sc[n + k] - w);
-                    lane[k] += d * d * d * sqrtf(d);
-                }
-            for (; n < N; n++) {
-                float w = row[n];
-                float q = rintf(w * inv[n]) + (float)zero;
-                q = q < 0 ? 0 : q > (float)maxq ? (float)maxq : q;
-                float d = fabsf((q - (float)zero) * sc[n] - w);
-                lane[n % 8] += d * d * d * sqrtf(d);
-            }
-            rowerr[r] = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-        }
-        double err = 0;
-        for (int64_t r = 0; r < R; r++) err += rowerr[r];
-        if (err < best) { best = err; best_h = h; }
-    }
-    free(rowerr);
-    free(sc);
+    for (int i = 0; i < 97; i++)
+        if (mb_f16_to_f32(ch[i]) != 0 && cerr[i] < best) { best = cerr[i]; best_h = ch[i]; }
     *smax_out = best_h;
     for (int64_t n = 0; n < N; n++) scale[n] = mb_exl2_scale(qs[n] - 1, best_h);
     free(base);
