@@ -236,10 +236,10 @@ const char *mb_proj_name(enum mb_proj p, int moe);
 /* EXL2 tensors of one quantized linear layer: the layout and the view struct (struct mb_exl2_layer) are  */
 /* defined once for C and CUDA in core/exl2_layout.h; here: validation, reading from a checkpoint, packing  */
 /*
- * mixbit's rule for K not a multiple of 32 (e.g. stories260K's down_proj, K = 172): the layer is padded to
- * Kp = K rounded up to 32 rows of zero weight, placed last in act order; q_invperm has Kp entries and the
- * padding rows (original index >= K) are dropped when unpacking. ExLlamaV2 itself expects K % 32 == 0,
- * which every real model satisfies.
+ * K not a multiple of 32 (e.g. stories260K's down_proj, K = 172): convert keeps such a layer F16 (ExLlamaV2's
+ * kernels need K % 32 == 0). Reading still accepts the padded form older mixbit versions wrote: Kp = K rounded
+ * up to 32 rows of zero weight, placed last in act order; q_invperm has Kp entries and the padding rows
+ * (original index >= K) are dropped when unpacking.
  */
 struct mb_exl2_packed { /* owned buffers */
     int64_t K, N, Np, G, P;
