@@ -82,10 +82,12 @@ void mb_qresult_free(struct mb_qresult *r) {
 /* Scales of one group (rows R x N of wt, row stride N): qs [N] in 1..16 and the fp16 group maximum,
  * by the multiplier search of the format doc: 97 multipliers in [0.70, 1.20] of the largest column scale,
  * minimising sum |dequant(w) - w|^3.5. */
-static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *qs, uint16_t *smax_out, float *scale) {
+static int find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *qs, uint16_t *smax_out, float *scale) {
     float half_range = (float)((1 << b) - 1) / 2.0f;
     int zero = 1 << (b - 1), maxq = (1 << b) - 1;
     float *base = malloc((size_t)N * sizeof *base);
+    if (!base) return MB_ENOMEM;
+    int oom = 0;
     float qmax = 0;
     for (int64_t n = 0; n < N; n++) {
         float m = 0;
@@ -107,6 +109,10 @@ static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *q
 #pragma omp parallel if (R * N > 65536)
     {
         float *sc = malloc((size_t)N * 2 * sizeof *sc), *inv = sc ? sc + N : NULL;
+        if (!sc) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < 97; i++) {
             float p = 0.70f + 0.5f * (float)i / 96.0f;
@@ -148,6 +154,7 @@ static void find_scales(const float *wt, int64_t R, int64_t N, int b, uint8_t *q
     *smax_out = best_h;
     for (int64_t n = 0; n < N; n++) scale[n] = mb_exl2_scale(qs[n] - 1, best_h);
     free(base);
+    return oom ? MB_ENOMEM : 0;
 }
 
 void mb_gptq_prep_free(struct mb_gptq_prep *p) {
@@ -297,7 +304,10 @@ int mb_gptq_run(const struct mb_weight *wv, const struct mb_gptq_prep *pr, const
     for (int g = 0; g < G; g++) {
         int b = out->gbits[g], zero = 1 << (b - 1), maxq = (1 << b) - 1;
         int64_t R = out->grows[g], r1 = r0 + R;
-        find_scales(wt + r0 * N, R, N, b, out->qs + (int64_t)g * N, &out->scale_max[g], scale);
+        if (find_scales(wt + r0 * N, R, N, b, out->qs + (int64_t)g * N, &out->scale_max[g], scale)) {
+            rc = mb_fail(MB_ENOMEM, "%s: out of memory in the scale search", name);
+            goto fail;
+        }
         for (int64_t r = r0; r < r1; r++) {
             float *row = wt + r * N, *e = err + (r - r0) * N;
             float d = pr->rtn ? 1.0f : U[r * Kp + r];
