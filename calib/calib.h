@@ -150,11 +150,14 @@ int mb_collect_hessians(struct mb_states *s, struct mb_fwd *f, const struct mb_l
 
 /* Measurement of module m: every projection is GPTQ-quantized once per distinct setting of the option table
  * (kept packed, never as f32 matrices), then every option row is scored by the relative error of the module
- * output against the reference output buf[cur ^ 1] (computed by mb_collect_hessians):
- *   err = mean over sequences of ||Y_q - Y_ref||_F / ||Y_ref||_F,  accuracy = 1 - err (at least 1e-6)
- * acc [t->n]. Fails when every option has accuracy below 0.1 (an inference or measurement error). */
+ * output against the reference output buf[cur ^ 1] (computed by mb_collect_hessians) for the input buf[cur]:
+ *   objective 0 (ExLlamaV2's): err = mean over sequences of ||Y_q - Y_ref||_F / ||Y_ref||_F
+ *   objective 1 (delta):       err = mean over sequences of ||Y_q - Y_ref||_F / ||Y_ref - X||_F
+ *                              (relative to what the module adds to the residual stream)
+ *   accuracy = 1 - err (at least 1e-6). acc [t->n]. Fails when every option has accuracy below 0.1 (an
+ * inference or measurement error). */
 int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs,
-                      const struct mb_module_table *t, int64_t chunk_rows, double *acc);
+                      const struct mb_module_table *t, int64_t chunk_rows, int objective, double *acc);
 
 /* Quantize the projections of module m with one row of its option table (or the given setting for every
  * projection when `uniform`), GPTQ (rtn: round to nearest) and EXL2 packing with the self-check. On success

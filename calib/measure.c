@@ -286,7 +286,7 @@ static struct mb_weight exl2_view(const struct mb_exl2_packed *pk, int64_t K, co
 /* measurement                                                                                     */
 
 int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs,
-                      const struct mb_module_table *t, int64_t chunk_rows, double *acc) {
+                      const struct mb_module_table *t, int64_t chunk_rows, int objective, double *acc) {
     const struct mb_config *c = f->c;
     const struct mb_ops *o = f->ops;
     int64_t R = s->R, L = s->L, H = s->H, S = chunk_rows / L > 0 ? chunk_rows / L : 1;
@@ -309,7 +309,7 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
     struct mb_weight *vw = calloc(nvar, sizeof *vw);
     struct mb_layer_w *cand = NULL;
     float *tmp = NULL, *ref = NULL;
-    double *dd = NULL, *rr = NULL, *hd = NULL, *hr = NULL;
+    double *dd = NULL, *rr = NULL, *hd = NULL, *hr = NULL, *den = NULL;
     if (!var || !vw) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
     for (int pi = 0; pi < np && !rc; pi++)
         for (int e = 0; e < ne && !rc && !t->f16[pi]; e++) /* F16 projections keep their weights in every option */
@@ -333,6 +333,19 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
     hd = malloc((size_t)S * sizeof *hd);
     hr = malloc((size_t)S * sizeof *hr);
     if (!tmp || (!s->on_backend && !ref) || !dd || !rr || !hd || !hr) { rc = mb_fail(MB_ENOMEM, "out of %s memory for measurement buffers", o->name); goto out; }
+    /* the denominators per sequence: ||Y_ref||^2, or ||Y_ref - X||^2 for the delta objective */
+    if (!(den = malloc((size_t)R * sizeof *den))) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
+    for (int64_t s0 = 0; s0 < R && !rc; s0 += S) {
+        int64_t ns = R - s0 < S ? R - s0 : S;
+        size_t bytes = (size_t)(ns * L * H) * sizeof(float);
+        const float *y_ref = s->buf[s->cur ^ 1] + s0 * L * H;
+        if (s->on_backend) o->copy(tmp, s->buf[s->cur] + s0 * L * H, bytes);
+        else if ((rc = o->upload(tmp, s->buf[s->cur] + s0 * L * H, bytes)) || (rc = o->upload(ref, y_ref, bytes))) break;
+        o->seq_error(tmp, s->on_backend ? y_ref : ref, ns, L * H, dd, rr);
+        if ((rc = o->download(hd, dd, (size_t)ns * sizeof *hd)) || (rc = o->download(hr, rr, (size_t)ns * sizeof *hr))) break;
+        for (int64_t j = 0; j < ns; j++) den[s0 + j] = objective == 1 ? hd[j] : hr[j];
+    }
+    if (rc) goto out;
     for (int r = 0; r < no && !rc; r++) {
         for (int pi = 0; pi < np; pi++)
             for (int e = 0; e < ne && !t->f16[pi]; e++) *mb_layer_slot(cand, t->proj[pi], moe ? e : -1) = vw[((size_t)pi * MB_MODULE_OPTIONS_MAX + map[r][pi]) * ne + e];
@@ -346,7 +359,7 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
             if ((rc = mb_fwd_module(f, cand, m, tmp, ns, L, NULL))) break;
             o->seq_error(tmp, s->on_backend ? y_ref : ref, ns, L * H, dd, rr);
             if ((rc = o->download(hd, dd, (size_t)ns * sizeof *hd)) || (rc = o->download(hr, rr, (size_t)ns * sizeof *hr))) break;
-            for (int64_t j = 0; j < ns; j++) sum += hr[j] > 0 ? sqrt(hd[j] / hr[j]) : 0;
+            for (int64_t j = 0; j < ns; j++) sum += den[s0 + j] > 0 ? sqrt(hd[j] / den[s0 + j]) : 0;
         }
         double a = 1.0 - sum / (double)R;
         acc[r] = a < 1e-6 ? 1e-6 : a;
@@ -373,6 +386,7 @@ out:
     o->free(rr);
     free(hd);
     free(hr);
+    free(den);
     return rc;
 }
 

@@ -138,6 +138,7 @@ static int cmd_convert(int argc, char **argv) {
     struct mb_convert_params p;
     mb_convert_default_params(&p);
     int json = 0, no_eval = 0;
+    const char *objective = NULL;
     int64_t head_bits = p.head_bits, seed = (int64_t)p.seed;
     double ckpt = p.checkpoint_interval;
     const struct mb_opt opts[] = {
@@ -166,6 +167,7 @@ static int cmd_convert(int argc, char **argv) {
         {"rtn", MB_OPT_FLAG, &p.rtn, NULL, "baseline: round to nearest instead of GPTQ"},
         {"extra-options", MB_OPT_FLAG, &p.extra_options, NULL, "add 1:2b_32g to both option tables (more choice near the tables' minimum)"},
         {"alloc-power", MB_OPT_DOUBLE, &p.alloc_power, "P", "allocation minimises the sum of error^P over modules (default 1)", 0, 16, MB_OPT_OPEN_MIN},
+        {"objective", MB_OPT_STR, &objective, "NAME", "measurement error relative to the module's output (default, as ExLlamaV2) or to its delta (output - input)"},
         {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
         {0},
     };
@@ -194,6 +196,8 @@ static int cmd_convert(int argc, char **argv) {
         if (mb_qsetting_parse(p.uniform, &uq)) return mb_args_usage_error(&spec, "--uniform: %s", mb_errmsg());
     }
     if (p.cal_field && !p.cal_field[0]) return mb_args_usage_error(&spec, "--field must not be empty");
+    if (objective && strcmp(objective, "output") && strcmp(objective, "delta")) return mb_args_usage_error(&spec, "--objective must be output or delta, not \"%s\"", objective);
+    p.objective = objective && !strcmp(objective, "delta");
     p.in = pos[0];
     p.out = pos[1];
     p.head_bits = (int)head_bits;

@@ -242,7 +242,7 @@ static int measure_module(struct conv *cv, int m) {
     if (!rc) rc = mb_collect_hessians(&cv->st, &cv->f, w, m, cv->chunk_rows, cv->p->min_expert_tokens, NULL, &hs);
     if (!rc) {
         maybe_kill("measure", m);
-        rc = mb_measure_module(&cv->st, &cv->f, w, m, &hs, &cv->tab[m], cv->chunk_rows, &ACC(cv, m, 0));
+        rc = mb_measure_module(&cv->st, &cv->f, w, m, &hs, &cv->tab[m], cv->chunk_rows, cv->p->objective, &ACC(cv, m, 0));
     }
     mb_hset_free(&hs);
     if (rc) return mb_fail_ctx(rc, "measuring %s", mname);
@@ -777,6 +777,7 @@ static void args_hash(const struct mb_convert_params *p, const char *in, char ou
              p->cal_field ? p->cal_field : "", (long long)p->rows, (long long)p->length, (long long)p->mrows, (long long)p->min_expert_tokens,
              p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION, p->alloc_power, p->extra_options);
     if (!p->eval && p->holdout > 0) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|holdout %g", p->holdout);
+    if (p->objective) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|objective %d", p->objective);
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *c = buf; *c; c++) { h ^= (uint8_t)*c; h *= 0x100000001b3ull; }
     snprintf(out, 32, "%016llx", (unsigned long long)h);
@@ -1156,6 +1157,7 @@ static json_t *report_json(const struct conv *cv) {
     json_object_set_new(report, "length", json_integer(cv->L));
     if (p->uniform) json_object_set_new(report, "uniform", json_string(p->uniform));
     json_object_set_new(report, "rtn", json_boolean(p->rtn));
+    json_object_set_new(report, "objective", json_string(p->objective ? "delta" : "output"));
     json_object_set_new(report, "allocation_error_sum", json_real(cv->alloc_err));
     json_object_set_new(report, "annealing_error_sum", json_real(cv->sa_err));
     json_t *ch = json_array();

@@ -65,6 +65,7 @@ struct mb_convert_params {
     const char *uniform;        /* baseline: this setting for every projection, no measurement */
     int rtn;                    /* baseline: round to nearest (no GPTQ error feedback) */
     double alloc_power;         /* allocation minimises sum of err^p (default 1) */
+    int objective;              /* measurement: 0 relative error of the module output (ExLlamaV2's), 1 of its delta */
     int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
     const char *device;         /* "auto" (default: CUDA when a usable GPU is present), "cuda" or "cpu" */
     const char *base_model;     /* the source repository id for the model card (default: config.json _name_or_path) */

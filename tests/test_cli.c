@@ -85,6 +85,7 @@ static void test_usage_errors(void) {
         {"convert in out --min-expert-tokens -1", "--min-expert-tokens"},
         {"convert in out --alloc-power 0", "--alloc-power"},
         {"convert in out --alloc-power -1", "--alloc-power"},
+        {"convert in out --objective residual", "--objective"},
         {"convert in out --uniform 1:7b_128g", "--uniform"},
         {"convert in out --uniform garbage", "--uniform"},
         {"convert in out --field=", "--field"},

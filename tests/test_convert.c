@@ -2,6 +2,7 @@
  * independent check of every EXL2 layer, bpw within 0.02 of the target, kill -9 + resume giving
  * byte-identical output, measurement reuse, and clear failures (unreachable bpw, unsupported
  * architecture, missing tokenizer, full disk) that leave nothing under the final name. */
+#include <jansson.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -323,10 +324,54 @@ static void test_thread_determinism(void) {
         }
 }
 
+/* --objective delta: the measurement scores against what each module adds to the residual stream; the
+ * same model and calibration as test_convert_models' stories260K run, so the two measurements compare */
+static void test_objective_delta(void) {
+    char cmd[2048], out[512], ref[512], err[8192], src[512], a[700], b[700];
+    snprintf(src, sizeof src, "%s/models/stories260K", th_shared());
+    snprintf(ref, sizeof ref, "%s/stories260K-3.5", tmpdir);
+    snprintf(out, sizeof out, "%s/stories260K-delta", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --bpw 7 --objective delta --cal %s/text/tinystories-sample.txt --eval %s/text/tinystories-sample.txt " SMALL,
+             mixbit(), src, out, th_shared(), th_shared());
+    int ec = run(cmd, err, sizeof err);
+    CHECK_MSG(ec == 0, "exit %d: %s", ec, err);
+    if (ec) return;
+    CHECK(fabs(report_num(out, "decoder_bpw") - 7) <= 0.02);
+    snprintf(a, sizeof a, "%s/mixbit-report.json", out);
+    json_t *r = json_load_file(a, 0, NULL);
+    CHECK(r && json_is_string(json_object_get(r, "objective")) && !strcmp(json_string_value(json_object_get(r, "objective")), "delta"));
+    json_decref(r);
+    /* the module delta is smaller than the module output (the residual stream carries the rest): every
+     * measured error is larger, so the mean accuracy is lower than the default objective's */
+    snprintf(a, sizeof a, "%s/measurement.json", ref);
+    snprintf(b, sizeof b, "%s/measurement.json", out);
+    json_t *ja = json_load_file(a, 0, NULL), *jb = json_load_file(b, 0, NULL);
+    CHECK(ja && jb);
+    double sa = 0, sb = 0;
+    int n = 0;
+    json_t *ma = json_object_get(ja, "measurement"), *mbm = json_object_get(jb, "measurement");
+    const char *key;
+    json_t *va;
+    json_object_foreach(ma, key, va) {
+        json_t *vb = json_object_get(mbm, key);
+        CHECK(json_array_size(va) == json_array_size(vb));
+        for (size_t i = 0; i < json_array_size(va) && i < json_array_size(vb); i++) {
+            sa += json_number_value(json_object_get(json_array_get(va, i), "accuracy"));
+            sb += json_number_value(json_object_get(json_array_get(vb, i), "accuracy"));
+            n++;
+        }
+    }
+    CHECK(n > 0);
+    CHECK_MSG(sb < sa, "mean accuracy: delta %.6f, output %.6f", n ? sb / n : 0, n ? sa / n : 0);
+    json_decref(ja);
+    json_decref(jb);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/mb_test_convert_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     RUN(test_convert_models);
+    RUN(test_objective_delta);
     RUN(test_kill_resume);
     RUN(test_failures);
     RUN(test_thread_determinism);
