@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # bench/hybrid.py BASE DONOR OUT REGEX: a copy of EXL2 model BASE whose tensors matching REGEX come from DONOR
-# (both conversions of the same source; only module-level tensor groups are swapped)
+# (both conversions of the same source; module-level tensor groups are swapped). For ppl / KLD only: the
+# copied mixbit-manifest.json no longer matches, so `mixbit verify` rejects the hybrid.
 import json, os, re, shutil, struct, sys
 base, donor, out, rx = sys.argv[1:5]
 r = re.compile(rx)

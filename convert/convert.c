@@ -858,7 +858,8 @@ static double plan_peak(const struct mem_plan *mp, int measure, int device) {
 static int preflight(struct conv *cv, int *found) {
     const struct mb_convert_params *p = cv->p;
     int rc;
-    /* the output path: without trailing slashes; its directory must exist; one conversion at a time */
+    /* the output path: without trailing slashes; its directory is created when missing (as mkdir -p); one
+     * conversion at a time */
     size_t ol = strlen(p->out);
     while (ol > 1 && p->out[ol - 1] == '/') ol--;
     if (ol == 0 || ol > 4000) return mb_fail(MB_EUSAGE, "output path \"%s\": empty or too long", p->out);
@@ -869,7 +870,7 @@ static int preflight(struct conv *cv, int *found) {
         snprintf(parent, sizeof parent, "%s", cv->out);
         char *sl = strrchr(parent, '/');
         if (sl) { if (sl == parent) sl[1] = 0; else *sl = 0; } else snprintf(parent, sizeof parent, ".");
-        if (!mb_is_dir(parent)) return mb_fail(MB_EINVAL, "%s: the output's directory %s does not exist", cv->out, parent);
+        if (!mb_is_dir(parent) && mb_mkdir_p(parent)) return mb_fail(MB_EIO, "%s: cannot create the output's directory: %s", cv->out, mb_errmsg());
         char lk[4200];
         snprintf(lk, sizeof lk, "%s.lock", cv->out);
         cv->lock_fd = open(lk, O_RDWR | O_CREAT | O_CLOEXEC, 0644);

@@ -252,10 +252,18 @@ static void test_failures(void) {
              th_shared(), tmpdir, th_shared(), th_shared());
     CHECK_EQ(run(cmd, err, sizeof err), 2);
     CHECK_MSG(strstr(err, "max_position_embeddings") != NULL, "%s", err);
-    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/no/such/dir/out --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), th_shared(), tmpdir,
+    /* a missing output directory is created (as mkdir -p); one that cannot be (a file on the path) fails at once */
+    snprintf(out, sizeof out, "%s/new/sub/out", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(), out, th_shared());
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    CHECK(mb_is_dir(out));
+    snprintf(p, sizeof p, "%s/afile", tmpdir);
+    FILE *af = fopen(p, "w");
+    if (af) fclose(af);
+    snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/afile/out --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval", mixbit(), th_shared(), tmpdir,
              th_shared());
     CHECK_EQ(run(cmd, err, sizeof err), 1);
-    CHECK_MSG(strstr(err, "does not exist") != NULL, "%s", err);
+    CHECK_MSG(strstr(err, "cannot create the output's directory") != NULL && strstr(err, "afile") != NULL, "%s", err);
     /* a trailing slash names the same output */
     snprintf(out, sizeof out, "%s/o_slash", tmpdir);
     snprintf(cmd, sizeof cmd, "%s convert %s/models/stories260K %s/ --bpw 7 --cal %s/text/tinystories-sample.txt --no-eval " SMALL, mixbit(), th_shared(), out, th_shared());
