@@ -86,9 +86,10 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libmixbit.a
 test: $(BUILD)/mixbit $(TEST_BIN)
 	@MIXBIT=$(BUILD)/mixbit $(if $(MB_ASAN),MB_ASAN=1) sh tests/run.sh $(TEST_BIN)
 
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 check:
-	$(MAKE) test
-	$(MAKE) asan
+	$(MAKE) -j$(JOBS) test
+	$(MAKE) -j$(JOBS) asan
 
 asan:
 	$(MAKE) BUILD=build-asan CUDA=0 OPT="-O1" SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
