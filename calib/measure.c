@@ -285,6 +285,18 @@ static struct mb_weight exl2_view(const struct mb_exl2_packed *pk, int64_t K, co
 /* ---------------------------------------------------------------------------------------------- */
 /* measurement                                                                                     */
 
+/* sequences [s0, s0 + ns): a copy of the module input in the backend buffer tmp (the forward pass overwrites
+ * it), and *y_ref their reference outputs as a backend pointer (chunk_in, staged in ref when needed) */
+static int measure_chunk(struct mb_states *s, int64_t s0, int64_t ns, float *tmp, float *ref, const float **y_ref) {
+    int rc = 0;
+    const float *x = s->buf[s->cur] + s0 * s->L * s->H;
+    size_t bytes = (size_t)(ns * s->L * s->H) * sizeof(float);
+    if (s->on_backend) s->ops->copy(tmp, x, bytes);
+    else if ((rc = s->ops->upload(tmp, x, bytes))) return rc;
+    *y_ref = chunk_in(s, s->cur ^ 1, s0, ns, ref, &rc);
+    return rc;
+}
+
 int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, int m, const struct mb_hset *hs,
                       const struct mb_module_table *t, int64_t chunk_rows, int objective, double *acc) {
     const struct mb_config *c = f->c;
@@ -337,11 +349,9 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
     if (!(den = malloc((size_t)R * sizeof *den))) { rc = mb_fail(MB_ENOMEM, "out of memory"); goto out; }
     for (int64_t s0 = 0; s0 < R && !rc; s0 += S) {
         int64_t ns = R - s0 < S ? R - s0 : S;
-        size_t bytes = (size_t)(ns * L * H) * sizeof(float);
-        const float *y_ref = s->buf[s->cur ^ 1] + s0 * L * H;
-        if (s->on_backend) o->copy(tmp, s->buf[s->cur] + s0 * L * H, bytes);
-        else if ((rc = o->upload(tmp, s->buf[s->cur] + s0 * L * H, bytes)) || (rc = o->upload(ref, y_ref, bytes))) break;
-        o->seq_error(tmp, s->on_backend ? y_ref : ref, ns, L * H, dd, rr);
+        const float *y_ref;
+        if ((rc = measure_chunk(s, s0, ns, tmp, ref, &y_ref))) break;
+        o->seq_error(tmp, y_ref, ns, L * H, dd, rr);
         if ((rc = o->download(hd, dd, (size_t)ns * sizeof *hd)) || (rc = o->download(hr, rr, (size_t)ns * sizeof *hr))) break;
         for (int64_t j = 0; j < ns; j++) den[s0 + j] = objective == 1 ? hd[j] : hr[j];
     }
@@ -352,12 +362,10 @@ int mb_measure_module(struct mb_states *s, struct mb_fwd *f, const struct mb_lay
         double sum = 0;
         for (int64_t s0 = 0; s0 < R && !rc; s0 += S) {
             int64_t ns = R - s0 < S ? R - s0 : S;
-            size_t bytes = (size_t)(ns * L * H) * sizeof(float);
-            const float *y_ref = s->buf[s->cur ^ 1] + s0 * L * H;
-            if (s->on_backend) o->copy(tmp, s->buf[s->cur] + s0 * L * H, bytes);
-            else if ((rc = o->upload(tmp, s->buf[s->cur] + s0 * L * H, bytes)) || (rc = o->upload(ref, y_ref, bytes))) break;
+            const float *y_ref;
+            if ((rc = measure_chunk(s, s0, ns, tmp, ref, &y_ref))) break;
             if ((rc = mb_fwd_module(f, cand, m, tmp, ns, L, NULL))) break;
-            o->seq_error(tmp, s->on_backend ? y_ref : ref, ns, L * H, dd, rr);
+            o->seq_error(tmp, y_ref, ns, L * H, dd, rr);
             if ((rc = o->download(hd, dd, (size_t)ns * sizeof *hd)) || (rc = o->download(hr, rr, (size_t)ns * sizeof *hr))) break;
             for (int64_t j = 0; j < ns; j++) sum += den[s0 + j] > 0 ? sqrt(hd[j] / den[s0 + j]) : 0;
         }
