@@ -169,6 +169,30 @@ int mb_quantize_module(const struct mb_fwd *f, const struct mb_layer_w *w, int m
                        int row, const char *uniform, int rtn, struct mb_exl2_packed *packed, struct mb_layer_w **q);
 void mb_quantized_free(struct mb_layer_w *q, int m, const struct mb_module_table *t);
 
+/* Sensitivity of the model's output to each module. One probe per module: the module quantized with one
+ * option row (its "probe"), applied to the reference input of S calibration sequences, then the rest of
+ * the model in full precision; kld[m] = mean KL divergence (reference || probed) of the final logits over
+ * those S*L positions. The streams of all probed modules advance together through the layers, so the
+ * pass streams the weights once. Quantization errors of different modules add to first order, so the
+ * output's KLD of a whole conversion is about sum_m kld[m] * (err_m / err_m(probe))^2 (convert's allocation). */
+struct mb_sens {
+    int nmod;
+    int64_t S, L, H;
+    const struct mb_ops *ops;
+    float **stream;  /* [nmod] backend buffers [S*L, H]; NULL until module m is probed */
+    double *err;     /* [nmod] the probe's relative output error on these rows (ExLlamaV2's error measure) */
+    double *kld;     /* [nmod] */
+};
+int mb_sens_open(struct mb_sens *z, const struct mb_ops *ops, int nmod, int64_t S, int64_t L, int64_t H);
+void mb_sens_close(struct mb_sens *z);
+/* Module m: stream m = module m with the probe weights q applied to sequences [0, S) of the states' input
+ * buf[cur] (err[m] against the reference output buf[cur ^ 1], which mb_collect_hessians computed); every
+ * stream probed before m advances through module m with the model's weights w. */
+int mb_sens_module(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, const struct mb_layer_w *q, int m,
+                   int64_t chunk_rows);
+/* After the last module (buf[cur] = the reference final states): kld[m] of every probed stream. */
+int mb_sens_finish(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, int64_t chunk_rows);
+
 /* ------------------------------------------------------------------------------------------------ */
 /* perplexity / KL divergence                                                                       */
 

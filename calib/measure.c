@@ -443,3 +443,147 @@ void mb_quantized_free(struct mb_layer_w *q, int m, const struct mb_module_table
         }
     shadow_free(q);
 }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* sensitivity of the output to each module                                                        */
+
+/* reference columns per position scored exactly; the rest of the reference's mass is one term */
+#define SENS_TOPK 128
+
+int mb_sens_open(struct mb_sens *z, const struct mb_ops *ops, int nmod, int64_t S, int64_t L, int64_t H) {
+    memset(z, 0, sizeof *z);
+    z->nmod = nmod;
+    z->S = S;
+    z->L = L;
+    z->H = H;
+    z->ops = ops;
+    z->stream = calloc((size_t)nmod, sizeof *z->stream);
+    z->err = calloc((size_t)nmod, sizeof *z->err);
+    z->kld = calloc((size_t)nmod, sizeof *z->kld);
+    if (!z->stream || !z->err || !z->kld) { mb_sens_close(z); return mb_fail(MB_ENOMEM, "out of memory"); }
+    return 0;
+}
+
+void mb_sens_close(struct mb_sens *z) {
+    if (z->stream)
+        for (int m = 0; m < z->nmod; m++) z->ops->free(z->stream[m]);
+    free(z->stream);
+    free(z->err);
+    free(z->kld);
+    memset(z, 0, sizeof *z);
+}
+
+/* sequences [0, S) of states buffer k into the backend buffer dst */
+static int states_rows(struct mb_states *s, int k, int64_t S, float *dst) {
+    size_t bytes = (size_t)(S * s->L * s->H) * sizeof(float);
+    if (s->on_backend) { s->ops->copy(dst, s->buf[k], bytes); return 0; }
+    return s->ops->upload(dst, s->buf[k], bytes);
+}
+
+/* module m (weights w) over the S sequences of a stream, in chunks the runner's buffers hold */
+static int stream_module(struct mb_fwd *f, const struct mb_layer_w *w, int m, float *x, int64_t S, int64_t L, int64_t H, int64_t chunk_rows) {
+    int64_t C = chunk_rows / L > 0 ? chunk_rows / L : 1;
+    int rc = 0;
+    for (int64_t s0 = 0; s0 < S && !rc; s0 += C) rc = mb_fwd_module(f, w, m, x + s0 * L * H, S - s0 < C ? S - s0 : C, L, NULL);
+    return rc;
+}
+
+int mb_sens_module(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, const struct mb_layer_w *q, int m,
+                   int64_t chunk_rows) {
+    const struct mb_ops *o = z->ops;
+    int64_t S = z->S, L = z->L, H = z->H;
+    size_t bytes = (size_t)(S * L * H) * sizeof(float);
+    int rc = 0;
+    for (int k = 0; k < m && !rc; k++)
+        if (z->stream[k]) rc = stream_module(f, w, m, z->stream[k], S, L, H, chunk_rows);
+    if (rc) return rc;
+    if (!(z->stream[m] = o->alloc(bytes))) return mb_fail(MB_ENOMEM, "out of %s memory for a sensitivity stream (%zu bytes)", o->name, bytes);
+    if ((rc = states_rows(s, s->cur, S, z->stream[m])) || (rc = stream_module(f, q, m, z->stream[m], S, L, H, chunk_rows))) return rc;
+    /* the probe's error against the reference output, as the measurement scores it */
+    float *ref = o->alloc(bytes);
+    double *dd = o->alloc((size_t)S * sizeof *dd), *rr = o->alloc((size_t)S * sizeof *rr);
+    double *hd = malloc((size_t)S * sizeof *hd), *hr = malloc((size_t)S * sizeof *hr);
+    if (!ref || !dd || !rr || !hd || !hr) rc = mb_fail(MB_ENOMEM, "out of %s memory for the sensitivity error", o->name);
+    if (!rc) rc = states_rows(s, s->cur ^ 1, S, ref);
+    if (!rc) {
+        o->seq_error(z->stream[m], ref, S, L * H, dd, rr);
+        if (!(rc = o->download(hd, dd, (size_t)S * sizeof *hd)) && !(rc = o->download(hr, rr, (size_t)S * sizeof *hr))) {
+            double e = 0;
+            for (int64_t j = 0; j < S; j++) e += hr[j] > 0 ? sqrt(hd[j] / hr[j]) : 0;
+            z->err[m] = e / (double)S;
+        }
+    }
+    o->free(ref);
+    o->free(dd);
+    o->free(rr);
+    free(hd);
+    free(hr);
+    return rc;
+}
+
+int mb_sens_finish(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, int64_t chunk_rows) {
+    const struct mb_ops *o = z->ops;
+    int64_t S = z->S, L = z->L, H = z->H, V = f->c->vocab, M = S * L, K = SENS_TOPK < V ? SENS_TOPK : V;
+    int64_t CR = ((int64_t)256 << 20) / (V * (int64_t)sizeof(float));
+    if (CR > f->max_rows) CR = f->max_rows;
+    if (CR > chunk_rows) CR = chunk_rows;
+    if (CR < 1) CR = 1;
+    int rc = 0;
+    float *ref = o->alloc((size_t)(M * H) * sizeof(float)), *lg = o->alloc((size_t)(CR * V) * sizeof(float));
+    float *vals_b = o->alloc((size_t)(CR * K) * sizeof(float));
+    int32_t *ids_b = o->alloc((size_t)(CR * K) * sizeof(int32_t)), *am_b = o->alloc((size_t)CR * sizeof(int32_t));
+    double *lse_b = o->alloc((size_t)CR * sizeof(double));
+    float *rv = malloc((size_t)(CR * K) * sizeof *rv), *qv = malloc((size_t)(CR * K) * sizeof *qv);
+    double *rl = malloc((size_t)CR * sizeof *rl), *ql = malloc((size_t)CR * sizeof *ql);
+    if (!ref || !lg || !vals_b || !ids_b || !am_b || !lse_b || !rv || !qv || !rl || !ql) { rc = mb_fail(MB_ENOMEM, "out of %s memory for the sensitivity logits", o->name); goto out; }
+    if ((rc = states_rows(s, s->cur, S, ref))) goto out;
+    for (int m = 0; m < z->nmod; m++) z->kld[m] = 0;
+    for (int64_t r0 = 0; r0 < M && !rc; r0 += CR) {
+        int64_t n = M - r0 < CR ? M - r0 : CR;
+        /* the reference: log-sum-exp and its top K log-probabilities */
+        if ((rc = mb_fwd_logits(f, ref + r0 * H, n, lg))) break;
+        o->logit_stats(lg, n, V, NULL, lse_b, NULL, am_b);
+        o->topk(lg, n, V, (int)K, ids_b, vals_b);
+        if ((rc = o->download(rv, vals_b, (size_t)(n * K) * sizeof *rv)) || (rc = o->download(rl, lse_b, (size_t)n * sizeof *rl))) break;
+        for (int m = 0; m < z->nmod && !rc; m++) {
+            if (!z->stream[m]) continue;
+            if ((rc = mb_fwd_logits(f, z->stream[m] + r0 * H, n, lg))) break;
+            o->logit_stats(lg, n, V, NULL, lse_b, NULL, am_b);
+            o->gather_cols(lg, n, V, ids_b, (int)K, vals_b);
+            if ((rc = o->download(qv, vals_b, (size_t)(n * K) * sizeof *qv)) || (rc = o->download(ql, lse_b, (size_t)n * sizeof *ql))) break;
+            double sum = 0;
+            for (int64_t i = 0; i < n; i++) {
+                double kl = 0, pm = 0, qm = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    double lp = rv[i * K + k] - rl[i], lq = qv[i * K + k] - ql[i], p = exp(lp);
+                    kl += p * (lp - lq);
+                    pm += p;
+                    qm += exp(lq);
+                }
+                double pr = 1 - pm, qr = 1 - qm;
+                if (pr > 1e-12 && qr > 1e-30) kl += pr * log(pr / qr);
+                if (!isfinite(kl)) {
+                    char mn[96];
+                    mb_module_name(f->c, m, mn, sizeof mn);
+                    rc = mb_fail(MB_ENUMERIC, "%s: the output KL divergence of its probe is not finite", mn);
+                    break;
+                }
+                sum += kl > 0 ? kl : 0;
+            }
+            z->kld[m] += sum;
+        }
+    }
+    for (int m = 0; m < z->nmod; m++) z->kld[m] /= (double)M;
+out:
+    o->free(ref);
+    o->free(lg);
+    o->free(vals_b);
+    o->free(ids_b);
+    o->free(am_b);
+    o->free(lse_b);
+    free(rv);
+    free(qv);
+    free(rl);
+    free(ql);
+    return rc;
+}

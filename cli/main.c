@@ -167,6 +167,7 @@ static int cmd_convert(int argc, char **argv) {
         {"rtn", MB_OPT_FLAG, &p.rtn, NULL, "baseline: round to nearest instead of GPTQ"},
         {"extra-options", MB_OPT_FLAG, &p.extra_options, NULL, "add 1:2b_32g to both option tables (more choice near the tables' minimum)"},
         {"alloc-power", MB_OPT_DOUBLE, &p.alloc_power, "P", "allocation minimises the sum of error^P over modules (default 1)", 0, 16, MB_OPT_OPEN_MIN},
+        {"sens-tokens", MB_OPT_INT, &p.sens_tokens, "N", "tokens of the pass that weighs each module's error by the KL divergence it causes in the output (default 2048, 0: off, as ExLlamaV2)", 0, MB_CLI_MAX_TOKENS},
         {"objective", MB_OPT_STR, &objective, "NAME", "measurement error relative to the module's output (default, as ExLlamaV2) or to its delta (output - input)"},
         {"json", MB_OPT_FLAG, &json, NULL, "print the summary as JSON"},
         {0},

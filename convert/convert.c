@@ -32,7 +32,7 @@
 #include "../quant/quant.h"
 #include "convert.h"
 
-enum { ST_ROWS = 0, ST_MEASURE = 1, ST_QUANT = 2, ST_HEAD = 3, ST_COMPILE = 4, ST_EVAL = 5, ST_DONE = 6 };
+enum { ST_ROWS = 0, ST_MEASURE = 1, ST_SENS = 2, ST_QUANT = 3, ST_HEAD = 4, ST_COMPILE = 5, ST_EVAL = 6, ST_DONE = 7 };
 
 /* Near the bottom of the reference tables the allocator has almost no choice (every module at its
  * cheapest row), and small models carry so much fixed overhead per row (the 32-bit q_invperm entry, one
@@ -41,6 +41,10 @@ enum { ST_ROWS = 0, ST_MEASURE = 1, ST_QUANT = 2, ST_HEAD = 3, ST_COMPILE = 4, S
  * option is added to both tables: MB_EXTRA_SETTING (1:2b_32g) for every projection. measurement.json then
  * has 20 / 18 entries per module. On kjv-llama at 2.5 bpw this halves the KL divergence (bench/RESULTS.md). */
 #define EXTRA_MARGIN 0.5
+
+/* Default tokens of the sensitivity pass (--sens-tokens): the calibration rows whose final logits weigh each
+ * module's measured error by its effect on the model's output (bench/RESULTS.md, "SmolLM2"). */
+#define SENS_TOKENS 2048
 
 struct conv {
     const struct mb_convert_params *p;
@@ -65,6 +69,10 @@ struct conv {
     int bos;               /* calibration rows and evaluation start with BOS: the model's rule */
     struct mb_module_table *tab; /* [nmod] */
     double *acc;           /* [nmod][MB_MODULE_OPTIONS_MAX] accuracy per option */
+    double *sens_kld;      /* [nmod] output KLD of the module's probe (the sensitivity pass), NULL: none */
+    int *sens_probe;       /* [nmod] the probe's option row */
+    int64_t sens_S;        /* sequences of the sensitivity pass (0: off) */
+    int sens_loaded;       /* the sensitivity came with --measurement */
     int *choice;           /* [nmod] */
     double last_ckpt;
     int64_t *expert_tokens;/* [layers][experts] */
@@ -72,7 +80,7 @@ struct conv {
     int64_t chunk_rows;
     size_t device_reserve; /* device bytes kept free for weights and work buffers when placing the states */
     double alloc_err, sa_err, sa_bpw;
-    double t_measure, t_quant, t_head, t_eval; /* seconds of the stages run by this process (0: resumed past them) */
+    double t_measure, t_sens, t_quant, t_head, t_eval; /* seconds of the stages run by this process (0: resumed past them) */
 };
 
 #define ACC(cv, m, r) ((cv)->acc[(size_t)(m) * MB_MODULE_OPTIONS_MAX + (r)])
@@ -175,6 +183,12 @@ static int save_state(struct conv *cv) {
     json_t *et = json_array();
     for (int64_t i = 0; i < cv->c->n_layers * cv->c->n_experts; i++) json_array_append_new(et, json_integer(cv->expert_tokens[i]));
     json_object_set_new(j, "expert_tokens", et);
+    if (cv->sens_S && cv->stage > ST_SENS) {
+        json_t *sk = json_array(), *sp = json_array();
+        for (int m = 0; m < cv->nmod; m++) { json_array_append_new(sk, json_real(cv->sens_kld[m])); json_array_append_new(sp, json_integer(cv->sens_probe[m])); }
+        json_object_set_new(j, "sensitivity_kld", sk);
+        json_object_set_new(j, "sensitivity_probe", sp);
+    }
     wpath(cv, p, sizeof p, "state.json");
     rc = write_json_atomic(p, j);
     json_decref(j);
@@ -213,6 +227,15 @@ static int load_state(struct conv *cv, int *found) {
         cv->choice[m] = (int)json_integer_value(json_array_get(ch, m));
     }
     for (size_t i = 0; i < json_array_size(et) && i < (size_t)(cv->c->n_layers * cv->c->n_experts); i++) cv->expert_tokens[i] = json_integer_value(json_array_get(et, i));
+    if (cv->sens_S && cv->stage > ST_SENS) {
+        json_t *sk = json_object_get(j, "sensitivity_kld"), *sp = json_object_get(j, "sensitivity_probe");
+        if (json_array_size(sk) != (size_t)cv->nmod || json_array_size(sp) != (size_t)cv->nmod) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
+        for (int m = 0; m < cv->nmod; m++) {
+            cv->sens_kld[m] = json_number_value(json_array_get(sk, m));
+            cv->sens_probe[m] = (int)json_integer_value(json_array_get(sp, m));
+            if (!(cv->sens_kld[m] >= 0) || cv->sens_probe[m] < 0 || cv->sens_probe[m] >= cv->tab[m].n) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
+        }
+    }
     *found = 1;
 out:
     json_decref(j);
@@ -454,7 +477,12 @@ static int allocate(struct conv *cv, int report) {
     double (*err)[MB_MODULE_OPTIONS_MAX] = calloc(cv->nmod, sizeof *err);
     if (!s || !err) { free(s); free(err); return mb_fail(MB_ENOMEM, "out of memory"); }
     for (int m = 0; m < cv->nmod; m++) {
-        for (int r = 0; r < cv->tab[m].n; r++) err[m][r] = pow(1.0 - ACC(cv, m, r), cv->p->alloc_power > 0 ? cv->p->alloc_power : 1.0);
+        if (cv->sens_S) {
+            /* the output's KLD: the probe's, scaled by the square of the measured error relative to the probe's */
+            double ep = 1.0 - ACC(cv, m, cv->sens_probe[m]), wm = ep > 0 ? cv->sens_kld[m] / (ep * ep) : 0;
+            for (int r = 0; r < cv->tab[m].n; r++) err[m][r] = wm * (1.0 - ACC(cv, m, r)) * (1.0 - ACC(cv, m, r));
+        } else
+            for (int r = 0; r < cv->tab[m].n; r++) err[m][r] = pow(1.0 - ACC(cv, m, r), cv->p->alloc_power > 0 ? cv->p->alloc_power : 1.0);
         s[m] = (struct mb_alloc_slot){cv->tab[m].n, cv->tab[m].bits, err[m]};
     }
     int64_t budget = (int64_t)floor(cv->p->bpw * (double)cv->decoder_numel);
@@ -526,6 +554,21 @@ static json_t *measurement_json(const struct conv *cv) {
     }
     json_object_set_new(root, "measurement", meas);
     json_object_set_new(root, "last_module_idx", json_integer(cv->nmod));
+    if (cv->sens_S) {
+        /* ours (ExLlamaV2 reads only the keys above): the output KLD of each module's probe row, reused with --measurement */
+        json_t *sj = json_object(), *mods = json_object();
+        json_object_set_new(sj, "tokens", json_integer(cv->sens_S * cv->L));
+        for (int m = 0; m < cv->nmod; m++) {
+            char mn[96];
+            module_name(cv, m, mn, sizeof mn);
+            json_t *e = json_object();
+            json_object_set_new(e, "kld", json_real(cv->sens_kld[m]));
+            json_object_set_new(e, "probe", json_integer(cv->sens_probe[m]));
+            json_object_set_new(mods, mn, e);
+        }
+        json_object_set_new(sj, "modules", mods);
+        json_object_set_new(root, "mixbit_sensitivity", sj);
+    }
     return root;
 }
 
@@ -534,6 +577,35 @@ static void canon(const char *setting, char *buf, size_t n) {
     struct mb_qsetting q;
     if (mb_qsetting_parse(setting, &q)) snprintf(buf, n, "%s", setting);
     else mb_qsetting_str(&q, buf, n);
+}
+
+/* The sensitivity a measurement.json of ours holds ("mixbit_sensitivity"), for the same tables; absent (the
+ * reference converter's file): the sensitivity pass runs. */
+static int load_sensitivity(struct conv *cv, const char *path) {
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je), *sj = root ? json_object_get(root, "mixbit_sensitivity") : NULL;
+    int rc = 0;
+    if (!root) return mb_fail(MB_EFORMAT, "%s: %s (line %d)", path, je.text, je.line);
+    if (sj) {
+        json_t *mods = json_object_get(sj, "modules");
+        if (!json_is_object(mods)) rc = mb_fail(MB_EFORMAT, "%s: \"mixbit_sensitivity\" has no \"modules\" object", path);
+        for (int m = 0; m < cv->nmod && !rc; m++) {
+            char mn[96];
+            module_name(cv, m, mn, sizeof mn);
+            json_t *e = json_object_get(mods, mn), *k = json_object_get(e, "kld"), *pr = json_object_get(e, "probe");
+            double kv = json_is_number(k) ? json_number_value(k) : -1;
+            json_int_t pv = json_is_integer(pr) ? json_integer_value(pr) : -1;
+            if (!(kv >= 0 && kv < 1e6) || pv < 0 || pv >= cv->tab[m].n)
+                rc = mb_fail(MB_EFORMAT, "%s: \"mixbit_sensitivity\" of %s: missing, or kld / probe out of range", path, mn);
+            else {
+                cv->sens_kld[m] = kv;
+                cv->sens_probe[m] = (int)pv;
+            }
+        }
+        if (!rc) cv->sens_loaded = 1;
+    }
+    json_decref(root);
+    return rc;
 }
 
 /* Accuracies from a measurement.json (ours or the reference converter's), matched to the table rows by
@@ -568,6 +640,7 @@ static int load_measurement(struct conv *cv, const char *path) {
         }
     }
     mb_measurement_free(ms);
+    if (!rc && cv->sens_S) rc = load_sensitivity(cv, path);
     return rc;
 }
 
@@ -769,6 +842,7 @@ void mb_convert_default_params(struct mb_convert_params *p) {
     p->fail_ppl_ratio = 10.0;
     p->alloc_power = 1.0;
     p->holdout = 0.1;
+    p->sens_tokens = -1;
 }
 
 static void args_hash(const struct mb_convert_params *p, const char *in, char out[32]) {
@@ -778,6 +852,7 @@ static void args_hash(const struct mb_convert_params *p, const char *in, char ou
              p->measurement ? p->measurement : "", (unsigned long long)p->seed, (long long)p->shard_mb, MB_VERSION, p->alloc_power, p->extra_options);
     if (!p->eval && p->holdout > 0) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|holdout %g", p->holdout);
     if (p->objective) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|objective %d", p->objective);
+    snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "|sens %lld", (long long)p->sens_tokens);
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *c = buf; *c; c++) { h ^= (uint8_t)*c; h *= 0x100000001b3ull; }
     snprintf(out, 32, "%016llx", (unsigned long long)h);
@@ -807,7 +882,7 @@ static int count_ids(const int32_t *ids, int64_t n, void *user) { (void)ids; *(i
  *               quantization: the chosen setting only
  *   weights     on a GPU: the current and the prefetched layer (CPU: the mapping, page cache, not counted)
  * peak(stage) = states + work + max over modules (hessians + gptq + candidates) [+ 2 x largest layer on a GPU] */
-struct mem_plan { double states_m, states_q, work, layer, hess, gptq, cand_m, cand_q; };
+struct mem_plan { double states_m, states_q, work, layer, hess, gptq, cand_m, cand_q, streams; };
 
 static void memory_plan(const struct conv *cv, struct mem_plan *mp) {
     const struct mb_config *c = cv->c;
@@ -815,6 +890,7 @@ static void memory_plan(const struct conv *cv, struct mem_plan *mp) {
     memset(mp, 0, sizeof *mp);
     mp->states_m = 2.0 * cv->Rm * cv->L * H * 4;
     mp->states_q = 2.0 * cv->Rq * cv->L * H * 4;
+    mp->streams = (double)cv->nmod * cv->sens_S * cv->L * H * 4;
     mp->work = (double)mb_fwd_bytes(c, cv->chunk_rows, cv->L) + (cv->ops->device ? (256.0 + 1024.0) * 1048576 : 16.0 * 1048576);
     for (int m = 0; m < cv->nmod; m++) {
         const struct mb_module_table *t = &cv->tab[m];
@@ -850,7 +926,9 @@ static void memory_plan(const struct conv *cv, struct mem_plan *mp) {
 }
 
 static double plan_peak(const struct mem_plan *mp, int measure, int device) {
-    return (measure ? mp->states_m + mp->cand_m : mp->states_q + mp->cand_q) + mp->work + mp->hess + mp->gptq + (device ? 2 * mp->layer : 0);
+    /* the sensitivity pass holds the measurement states and the streams instead of the candidates */
+    double m = mp->states_m + (mp->cand_m > mp->streams ? mp->cand_m : mp->streams);
+    return (measure ? m : mp->states_q + mp->cand_q) + mp->work + mp->hess + mp->gptq + (device ? 2 * mp->layer : 0);
 }
 
 /* everything that can be checked before the first long stage: inputs, the model, the target, the
@@ -949,6 +1027,14 @@ static int preflight(struct conv *cv, int *found) {
         if (p->mrows <= 0 && cv->Rm > cap) cv->Rm = cap;
     }
     cv->chunk_rows = cv->L * ((4096 + cv->L - 1) / cv->L);
+    /* the sensitivity pass: about sens_tokens tokens of the measurement rows (whole rows) */
+    if (!p->uniform) {
+        int64_t st = p->sens_tokens < 0 ? SENS_TOKENS : p->sens_tokens;
+        cv->sens_S = st > 0 ? (st + cv->L - 1) / cv->L : 0;
+        if (cv->sens_S > cv->Rm) cv->sens_S = cv->Rm;
+        if (cv->sens_S && (!(cv->sens_kld = calloc(cv->nmod, sizeof *cv->sens_kld)) || !(cv->sens_probe = calloc(cv->nmod, sizeof *cv->sens_probe))))
+            return mb_fail(MB_ENOMEM, "out of memory");
+    }
     if (!p->min_expert_tokens && cv->c->n_experts) {
         struct mb_convert_params *pw = (struct mb_convert_params *)p;
         pw->min_expert_tokens = cv->Rq * cv->L / 20 / cv->c->n_experts + 1;
@@ -958,8 +1044,8 @@ static int preflight(struct conv *cv, int *found) {
     memory_plan(cv, &mp);
     double pm = plan_peak(&mp, 1, cv->ops->device), pq = plan_peak(&mp, 0, cv->ops->device);
     mb_info("memory plan (compute on the %s): measurement %.2f GB, quantization %.2f GB (states %.2f / %.2f, Hessians %.2f, GPTQ %.2f, candidates %.2f, "
-            "work %.2f, layer %.2f GB)", cv->ops->name, pm / 1e9, pq / 1e9, mp.states_m / 1e9, mp.states_q / 1e9, mp.hess / 1e9, mp.gptq / 1e9,
-            mp.cand_m / 1e9, mp.work / 1e9, mp.layer / 1e9);
+            "work %.2f, layer %.2f GB; sensitivity streams %.2f GB)", cv->ops->name, pm / 1e9, pq / 1e9, mp.states_m / 1e9, mp.states_q / 1e9, mp.hess / 1e9, mp.gptq / 1e9,
+            mp.cand_m / 1e9, mp.work / 1e9, mp.layer / 1e9, mp.streams / 1e9);
     if (cv->ops->device) {
         size_t fr = 0, tot = 0;
         double need = (p->uniform || p->measurement ? pq : (pm > pq ? pm : pq)) - (p->uniform || p->measurement ? mp.states_q : (mp.states_m > mp.states_q ? mp.states_m : mp.states_q));
@@ -1018,9 +1104,9 @@ static int stage_rows(struct conv *cv, int found) {
         free(a);
         free(b);
         if ((rc = mb_write_file_atomic(rp, cv->rows_m, (size_t)nrows_total * 4))) return rc;
-        cv->stage = p->measurement || p->uniform ? ST_QUANT : ST_MEASURE;
         cv->next_module = -1; /* states not yet embedded */
         if (p->measurement && (rc = load_measurement(cv, p->measurement))) return rc;
+        cv->stage = p->uniform ? ST_QUANT : p->measurement ? (cv->sens_S && !cv->sens_loaded ? ST_SENS : ST_QUANT) : ST_MEASURE;
         if ((rc = save_state(cv))) return rc;
     }
     cv->rows_q = cv->rows_m + cv->Rm * cv->L;
@@ -1032,9 +1118,77 @@ static int stage_measure(struct conv *cv) {
     int rc = run_pass(cv, "measuring", cv->rows_m, cv->Rm, measure_module, 1);
     if (rc) return rc;
     mb_states_close(&cv->st);
-    cv->stage = ST_QUANT;
+    cv->stage = cv->sens_S ? ST_SENS : ST_QUANT;
     cv->next_module = -1;
     cv->t_measure = mb_now() - t0;
+    return save_state(cv);
+}
+
+/* the option row whose bits per weight are nearest the target: the module's probe */
+static int probe_row(const struct conv *cv, int m) {
+    const struct mb_module_table *t = &cv->tab[m];
+    double numel = 0;
+    for (int pi = 0; pi < t->nproj; pi++) {
+        int64_t N, K;
+        mb_proj_shape(cv->c, t->proj[pi], &N, &K);
+        numel += (double)N * K * t->experts;
+    }
+    int best = 0;
+    for (int r = 1; r < t->n; r++)
+        if (fabs((double)t->bits[r] / numel - cv->p->bpw) < fabs((double)t->bits[best] / numel - cv->p->bpw)) best = r;
+    return best;
+}
+
+/* The sensitivity pass (calib/calib.h mb_sens): each module quantized alone with its probe row, the KL
+ * divergence of the final logits on the first sens_S measurement rows. Not checkpointed inside: a resumed
+ * conversion runs it again from the start. */
+static int stage_sens(struct conv *cv) {
+    double t0 = mb_now();
+    struct mb_sens z;
+    int rc;
+    cv->next_module = -1;
+    if ((rc = states_open(cv, cv->Rm, 0))) return rc;
+    if ((rc = mb_sens_open(&z, cv->ops, cv->nmod, cv->sens_S, cv->L, cv->c->hidden))) return rc;
+    if ((rc = mb_states_embed(&cv->st, &cv->f, cv->rows_m, cv->chunk_rows))) goto out;
+    mb_info("sensitivity: each module quantized alone, KL divergence of the output on %lld x %lld tokens", (long long)cv->sens_S, (long long)cv->L);
+    struct mb_progress pr;
+    mb_progress_begin(&pr, "sensitivity", "modules", cv->nmod);
+    for (int m = 0; m < cv->nmod && !rc; m++) {
+        const struct mb_module_table *t = &cv->tab[m];
+        const struct mb_layer_w *w;
+        struct mb_layer_w *q = NULL;
+        struct mb_hset hs = {0};
+        int n = t->nproj * t->experts;
+        struct mb_exl2_packed *pk = calloc((size_t)n, sizeof *pk);
+        char mname[96];
+        module_name(cv, m, mname, sizeof mname);
+        cv->sens_probe[m] = probe_row(cv, m);
+        if (!pk) rc = mb_fail(MB_ENOMEM, "out of memory");
+        if (!rc) rc = mb_fwd_layer(&cv->f, m / 2, &w);
+        if (!rc) rc = mb_collect_hessians(&cv->st, &cv->f, w, m, cv->chunk_rows, cv->p->min_expert_tokens, NULL, &hs);
+        if (!rc) maybe_kill("sens", m);
+        if (!rc) rc = mb_quantize_module(&cv->f, w, m, &hs, t, cv->sens_probe[m], NULL, cv->p->rtn, pk, &q);
+        if (!rc) rc = mb_sens_module(&z, &cv->st, &cv->f, w, q, m, cv->chunk_rows);
+        mb_quantized_free(q, m, t);
+        if (pk) for (int i = 0; i < n; i++) mb_exl2_packed_free(&pk[i]);
+        free(pk);
+        mb_hset_free(&hs);
+        if (rc) { rc = mb_fail_ctx(rc, "sensitivity of %s", mname); break; }
+        flip(cv);
+        mb_progress_update(&pr, m + 1);
+    }
+    if (!rc) rc = mb_sens_finish(&z, &cv->st, &cv->f, cv->chunk_rows);
+    if (!rc) {
+        mb_progress_end(&pr);
+        for (int m = 0; m < cv->nmod; m++) cv->sens_kld[m] = z.kld[m];
+    }
+out:
+    mb_sens_close(&z);
+    mb_states_close(&cv->st);
+    if (rc) return rc;
+    cv->t_sens = mb_now() - t0;
+    cv->stage = ST_QUANT;
+    cv->next_module = -1;
     return save_state(cv);
 }
 
@@ -1159,6 +1313,7 @@ static json_t *report_json(const struct conv *cv) {
     if (p->uniform) json_object_set_new(report, "uniform", json_string(p->uniform));
     json_object_set_new(report, "rtn", json_boolean(p->rtn));
     json_object_set_new(report, "objective", json_string(p->objective ? "delta" : "output"));
+    json_object_set_new(report, "sensitivity_tokens", json_integer(cv->sens_S * cv->L));
     json_object_set_new(report, "allocation_error_sum", json_real(cv->alloc_err));
     json_object_set_new(report, "annealing_error_sum", json_real(cv->sa_err));
     json_t *ch = json_array();
@@ -1200,6 +1355,7 @@ static int stage_evaluate(struct conv *cv, json_t *report, double t_start) {
     json_object_set_new(report, "seconds", json_real(mb_now() - t_start));
     json_t *ts = json_object();
     json_object_set_new(ts, "measure", json_real(cv->t_measure));
+    json_object_set_new(ts, "sensitivity", json_real(cv->t_sens));
     json_object_set_new(ts, "quantize", json_real(cv->t_quant));
     json_object_set_new(ts, "head", json_real(cv->t_head));
     json_object_set_new(ts, "evaluate", json_real(cv->t_eval));
@@ -1226,6 +1382,7 @@ int mb_convert(const struct mb_convert_params *p, json_t **report_out) {
     if ((rc = stage_rows(cv, found))) goto out;
     if (cv->stage <= ST_HEAD && (rc = mb_fwd_init(&cv->f, cv->m, cv->ops, cv->chunk_rows, cv->L))) goto out;
     if (cv->stage == ST_MEASURE && (rc = stage_measure(cv))) goto out;
+    if (cv->stage == ST_SENS && (rc = stage_sens(cv))) goto out;
     if (!p->uniform && (rc = allocate(cv, 1))) goto out;
     if (cv->stage == ST_QUANT && (rc = stage_quantize(cv))) goto out;
     if (cv->stage == ST_HEAD && (rc = stage_head(cv))) goto out;
@@ -1247,6 +1404,8 @@ out:
     free(cv->cal_ids);
     free(cv->tab);
     free(cv->acc);
+    free(cv->sens_kld);
+    free(cv->sens_probe);
     free(cv->choice);
     free(cv->expert_tokens);
     mb_tokenizer_free(cv->tok);

@@ -66,6 +66,7 @@ struct mb_convert_params {
     int rtn;                    /* baseline: round to nearest (no GPTQ error feedback) */
     double alloc_power;         /* allocation minimises sum of err^p (default 1) */
     int objective;              /* measurement: 0 relative error of the module output (ExLlamaV2's), 1 of its delta */
+    int64_t sens_tokens;        /* tokens of the output-sensitivity pass that weights the allocation (-1: default, 0: off) */
     int extra_options;          /* add the 1:2b_32g option to both tables even when the target does not need it */
     const char *device;         /* "auto" (default: CUDA when a usable GPU is present), "cuda" or "cpu" */
     const char *base_model;     /* the source repository id for the model card (default: config.json _name_or_path) */

@@ -146,7 +146,7 @@ static void test_convert_models(void) {
     }
 }
 
-/* kill -9 in the middle of measurement and of quantization, resume, compare with an uninterrupted run */
+/* kill -9 in the middle of measurement, the sensitivity pass and quantization, resume, compare with an uninterrupted run */
 static void test_kill_resume(void) {
     char src[512], ref[512], out[512], cmd[2048], err[8192], a[700], b[700];
     snprintf(src, sizeof src, "%s/models/stories260K-moe4", th_shared());
@@ -155,11 +155,11 @@ static void test_kill_resume(void) {
     snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt %s", mixbit(), src, ref, th_shared(), common);
     CHECK_EQ(run(cmd, err, sizeof err), 0);
     /* the last two keep the hidden states in memory-mapped files (--max-memory below their size) */
-    const char *kills[] = {"measure:3", "quant:5", "measure:2", "measure:0", "quant:3"};
-    const char *intervals[] = {"", "--checkpoint-interval 60", "--max-memory 0.1", "", "--max-memory 0.1"};
+    const char *kills[] = {"measure:3", "quant:5", "measure:2", "measure:0", "quant:3", "sens:4"};
+    const char *intervals[] = {"", "--checkpoint-interval 60", "--max-memory 0.1", "", "--max-memory 0.1", "--max-memory 0.1"};
     /* under ASan the first three (every path: in memory, the 60 s cadence, memory-mapped states) keep make
      * check within its time; the normal build runs all five */
-    int nk = getenv("MB_ASAN") ? 3 : 5;
+    int nk = getenv("MB_ASAN") ? 3 : 6;
     for (int k = 0; k < nk; k++) {
         snprintf(out, sizeof out, "%s/killed%d", tmpdir, k);
         snprintf(cmd, sizeof cmd, "MB_TEST_KILL=%s %s convert %s %s --cal %s/text/tinystories-sample.txt %s %s", kills[k], mixbit(), src, out, th_shared(), common,
@@ -192,6 +192,39 @@ static void test_kill_resume(void) {
     CHECK(strstr(err, "measuring") == NULL);
     double bpw = report_num(out, "decoder_bpw");
     CHECK_MSG(fabs(bpw - 8) <= 0.02, "reuse: %.4f", bpw);
+    /* the file holds the sensitivity pass's results: not run again */
+    CHECK_MSG(strstr(err, "sensitivity:") == NULL, "%s", err);
+    CHECK(report_num(out, "sensitivity_tokens") > 0);
+    /* a measurement.json without them (the reference converter's kind) runs the pass; a broken one is refused */
+    char mp[700], mq[700];
+    snprintf(mp, sizeof mp, "%s/measurement.json", ref);
+    snprintf(mq, sizeof mq, "%s/meas-nosens.json", tmpdir);
+    json_t *mj = json_load_file(mp, 0, NULL);
+    CHECK(mj && json_object_get(mj, "mixbit_sensitivity"));
+    if (!mj) return;
+    json_t *sj = json_incref(json_object_get(mj, "mixbit_sensitivity"));
+    json_object_del(mj, "mixbit_sensitivity");
+    json_dump_file(mj, mq, 0);
+    snprintf(out, sizeof out, "%s/reuse2", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 8 --no-eval --measurement %s " SMALL " -v", mixbit(), src, out, th_shared(), mq);
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    CHECK_MSG(strstr(err, "sensitivity:") != NULL && strstr(err, "measuring") == NULL, "%s", err);
+    json_t *mods = json_object_get(sj, "modules");
+    json_object_set_new(json_object_get(mods, "model.layers.1.block_sparse_moe"), "kld", json_real(-1));
+    json_object_set_new(mj, "mixbit_sensitivity", sj);
+    json_dump_file(mj, mq, 0);
+    json_decref(mj);
+    snprintf(out, sizeof out, "%s/reuse3", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 8 --no-eval --measurement %s " SMALL, mixbit(), src, out, th_shared(), mq);
+    CHECK_EQ(run(cmd, err, sizeof err), 1);
+    CHECK_MSG(strstr(err, "meas-nosens.json") && strstr(err, "model.layers.1.block_sparse_moe"), "%s", err);
+    /* off: the allocation of ExLlamaV2 (summed errors), and the report says so */
+    snprintf(out, sizeof out, "%s/nosens", tmpdir);
+    snprintf(cmd, sizeof cmd, "%s convert %s %s --cal %s/text/tinystories-sample.txt --bpw 8 --no-eval --measurement %s/measurement.json --sens-tokens 0 " SMALL " -v",
+             mixbit(), src, out, th_shared(), ref);
+    CHECK_EQ(run(cmd, err, sizeof err), 0);
+    CHECK_EQ(report_num(out, "sensitivity_tokens"), 0);
+    CHECK(strstr(err, "sensitivity:") == NULL);
 }
 
 static void test_failures(void) {

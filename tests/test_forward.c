@@ -396,6 +396,128 @@ static void test_bad_texts(void) {
     unlink(cut);
 }
 
+/* ---- the sensitivity pass ---- */
+
+/* layer w with one projection of module m replaced by wp (MoE MLP: expert 0's down projection); xw holds the
+ * copied expert array */
+static struct mb_layer_w sens_probe_layer(const struct mb_layer_w *w, int m, const struct mb_weight *wp, struct mb_weight *xw) {
+    struct mb_layer_w q = *w;
+    if (m % 2 == 0) q.w[MB_P_O] = *wp;
+    else if (!w->n_experts) q.w[MB_P_DOWN] = *wp;
+    else {
+        memcpy(xw, w->xw[2], (size_t)w->n_experts * sizeof *xw);
+        xw[0] = *wp;
+        q.xw[2] = xw;
+    }
+    return q;
+}
+
+static const struct mb_weight *sens_target(const struct mb_layer_w *w, int m) {
+    return m % 2 == 0 ? &w->w[MB_P_O] : !w->n_experts ? &w->w[MB_P_DOWN] : &w->xw[2][0];
+}
+
+static void sens_check(const char *model) {
+    char md[512];
+    snprintf(md, sizeof md, "%s/models/%s", th_shared(), model);
+    struct mb_model *mdl = NULL;
+    CHECK_EQ(mb_model_open(md, &mdl), 0);
+    if (!mdl) return;
+    const struct mb_config *c = &mdl->cfg;
+    const struct mb_ops *o = &mb_ops_cpu;
+    const int64_t S = 2, L = 64, H = c->hidden, V = c->vocab, CR = 128;
+    int nmod = (int)(2 * c->n_layers);
+    int32_t ids[2 * 64];
+    struct mb_rng g = {11};
+    for (int i = 0; i < S * L; i++) ids[i] = i % L == 0 ? 1 : 3 + (int32_t)(mb_rng_next(&g) % (uint64_t)(V - 3));
+    struct mb_fwd f;
+    struct mb_states st;
+    struct mb_sens z;
+    float **pert = calloc((size_t)nmod, sizeof *pert);
+    struct mb_weight *xw = calloc((size_t)(c->n_experts + 1), sizeof *xw);
+    float *x = malloc((size_t)(S * L * H) * sizeof *x), *x0 = malloc((size_t)(S * L * H) * sizeof *x0), *y0 = malloc((size_t)(S * L * H) * sizeof *y0);
+    float *lr = malloc((size_t)(S * L * V) * sizeof *lr), *lq = malloc((size_t)(S * L * V) * sizeof *lq);
+    CHECK_EQ(mb_fwd_init(&f, mdl, o, CR, L), 0);
+    CHECK_EQ(mb_states_open(&st, o, S, L, H, 0, NULL), 0);
+    CHECK_EQ(mb_states_embed(&st, &f, ids, CR), 0);
+    CHECK_EQ(mb_sens_open(&z, o, nmod, S, L, H), 0);
+    /* the probes: the module's output projection with relative noise 0.05 (module 1: none, an exact probe) */
+    for (int m = 0; m < nmod; m++) {
+        const struct mb_layer_w *w;
+        CHECK_EQ(mb_fwd_layer(&f, m / 2, &w), 0);
+        const struct mb_weight *t = sens_target(w, m);
+        CHECK_EQ(t->type, MB_W_F32);
+        pert[m] = malloc((size_t)(t->n * t->k) * sizeof **pert);
+        const float *src = t->data;
+        double ss = 0;
+        for (int64_t i = 0; i < t->n * t->k; i++) ss += (double)src[i] * src[i];
+        float sd = m == 1 ? 0.0f : (float)(0.05 * sqrt(ss / (double)(t->n * t->k)));
+        for (int64_t i = 0; i < t->n * t->k; i++) pert[m][i] = src[i] + sd * (float)(2 * mb_rng_uniform(&g) - 1) * 1.7320508f;
+        struct mb_weight wp = mb_weight_view_f32(pert[m], t->n, t->k, "probe");
+        struct mb_layer_w q = sens_probe_layer(w, m, &wp, xw);
+        CHECK_EQ(mb_states_forward(&st, &f, w, m, CR, NULL), 0);
+        CHECK_EQ(mb_sens_module(&z, &st, &f, w, &q, m, CR), 0);
+        st.cur ^= 1;
+    }
+    CHECK_EQ(mb_sens_finish(&z, &st, &f, CR), 0);
+    /* independently: the whole model with one module probed, full-vocabulary KLD in f64 */
+    CHECK_EQ(mb_fwd_embed(&f, ids, S * L, x), 0);
+    CHECK_EQ(mb_fwd_run(&f, 0, nmod, x, S, L, NULL), 0);
+    CHECK_EQ(mb_fwd_logits(&f, x, S * L, lr), 0);
+    int probe[3] = {0, nmod / 2 + 1, nmod - 1};
+    for (int pi = 0; pi < 3; pi++) {
+        int m0 = probe[pi];
+        double err = 0, kl = 0;
+        CHECK_EQ(mb_fwd_embed(&f, ids, S * L, x), 0);
+        for (int m = 0; m < nmod; m++) {
+            const struct mb_layer_w *w;
+            CHECK_EQ(mb_fwd_layer(&f, m / 2, &w), 0);
+            if (m != m0) { CHECK_EQ(mb_fwd_module(&f, w, m, x, S, L, NULL), 0); continue; }
+            struct mb_weight wp = mb_weight_view_f32(pert[m], sens_target(w, m)->n, sens_target(w, m)->k, "probe");
+            struct mb_layer_w q = sens_probe_layer(w, m, &wp, xw);
+            memcpy(x0, x, (size_t)(S * L * H) * sizeof *x);
+            CHECK_EQ(mb_fwd_module(&f, w, m, x0, S, L, NULL), 0);
+            CHECK_EQ(mb_fwd_module(&f, &q, m, x, S, L, NULL), 0);
+            memcpy(y0, x0, (size_t)(S * L * H) * sizeof *x);
+            for (int64_t s = 0; s < S; s++) {
+                double d = 0, r = 0;
+                for (int64_t i = s * L * H; i < (s + 1) * L * H; i++) { d += ((double)x[i] - y0[i]) * ((double)x[i] - y0[i]); r += (double)y0[i] * y0[i]; }
+                err += sqrt(d / r) / S;
+            }
+        }
+        CHECK_EQ(mb_fwd_logits(&f, x, S * L, lq), 0);
+        for (int64_t i = 0; i < S * L; i++) {
+            const float *a = lr + i * V, *b = lq + i * V;
+            double ma = -INFINITY, mq = -INFINITY, sa = 0, sq = 0, k = 0;
+            for (int64_t v = 0; v < V; v++) { if (a[v] > ma) ma = a[v]; if (b[v] > mq) mq = b[v]; }
+            for (int64_t v = 0; v < V; v++) { sa += exp(a[v] - ma); sq += exp(b[v] - mq); }
+            for (int64_t v = 0; v < V; v++) {
+                double la = a[v] - ma - log(sa), lb = b[v] - mq - log(sq);
+                k += exp(la) * (la - lb);
+            }
+            kl += k / (double)(S * L);
+        }
+        fprintf(stderr, "  %s module %d: KLD %.4e (full vocabulary %.4e), error %.4e (%.4e)\n", model, m0, z.kld[m0], kl, z.err[m0], err);
+        CHECK_MSG(kl > 0 && fabs(z.kld[m0] - kl) <= 0.03 * kl, "module %d: %g vs %g", m0, z.kld[m0], kl);
+        CHECK_MSG(z.kld[m0] <= kl * (1 + 1e-6) + 1e-12, "module %d: top-k KLD %g above the full one %g", m0, z.kld[m0], kl);
+        CHECK_MSG(fabs(z.err[m0] - err) <= 1e-5 * err, "module %d: error %g vs %g", m0, z.err[m0], err);
+    }
+    CHECK_MSG(z.kld[1] < 1e-9 && z.err[1] == 0, "an exact probe: KLD %g, error %g", z.kld[1], z.err[1]);
+    for (int m = 0; m < nmod; m++) if (m != 1) CHECK_MSG(z.kld[m] > 0 && z.err[m] > 0, "module %d: KLD %g error %g", m, z.kld[m], z.err[m]);
+    mb_sens_close(&z);
+    mb_states_close(&st);
+    mb_fwd_free(&f);
+    for (int m = 0; m < nmod; m++) free(pert[m]);
+    free(pert);
+    free(xw);
+    free(x); free(x0); free(y0); free(lr); free(lq);
+    mb_model_close(mdl);
+}
+
+static void test_sensitivity(void) {
+    sens_check("stories260K");
+    sens_check("stories260K-moe4");
+}
+
 int main(void) {
     RUN(test_nll_reference);
     RUN(test_moe_equals_dense);
@@ -405,5 +527,6 @@ int main(void) {
     RUN(test_rope_and_window);
     RUN(test_nonfinite);
     RUN(test_bad_texts);
+    RUN(test_sensitivity);
     TEST_MAIN_END();
 }
