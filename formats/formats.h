@@ -25,6 +25,10 @@
 
 #include "../core/core.h"
 
+/* A JSON value's kind for messages ("an object", "a list", "a string", "an integer", ...) */
+struct json_t;
+const char *mb_json_kind(const struct json_t *v);
+
 /* ------------------------------------------------------------------------------------------------ */
 /* dtypes                                                                                           */
 

@@ -12,7 +12,7 @@
  * is one line naming the file and the field ("config.json: \"rope_theta\" is -1, expected a number > 1
  * and <= 1e+12"). Nested fields are named with their parent ("rope_scaling.factor"). */
 
-static const char *jtype(const json_t *v) {
+const char *mb_json_kind(const json_t *v) {
     switch (json_typeof(v)) {
     case JSON_OBJECT: return "an object";
     case JSON_ARRAY: return "a list";
@@ -38,7 +38,7 @@ static int get_int(const char *name, json_t *obj, const char *parent, const char
         *out = def;
         return 0;
     }
-    if (!json_is_integer(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected an integer in %lld..%lld", name, f, jtype(v), (long long)lo, (long long)hi);
+    if (!json_is_integer(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected an integer in %lld..%lld", name, f, mb_json_kind(v), (long long)lo, (long long)hi);
     int64_t x = (int64_t)json_integer_value(v);
     if (x < lo || x > hi) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %lld, expected an integer in %lld..%lld", name, f, (long long)x, (long long)lo, (long long)hi);
     *out = x;
@@ -56,7 +56,7 @@ static int get_num(const char *name, json_t *obj, const char *parent, const char
         return 0;
     }
     const char *want = lo_open ? ">" : ">=";
-    if (!json_is_number(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a number %s %g and <= %g", name, f, jtype(v), want, lo, hi);
+    if (!json_is_number(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a number %s %g and <= %g", name, f, mb_json_kind(v), want, lo, hi);
     double x = json_number_value(v);
     if (!isfinite(x) || (lo_open ? !(x > lo) : !(x >= lo)) || !(x <= hi))
         return mb_fail(MB_EFORMAT, "%s: \"%s\" is %g, expected a number %s %g and <= %g", name, f, x, want, lo, hi);
@@ -68,7 +68,7 @@ static int get_num(const char *name, json_t *obj, const char *parent, const char
 static int get_bool(const char *name, json_t *obj, const char *key, int def, int *out) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) { *out = def; return 0; }
-    if (!json_is_boolean(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected true or false", name, key, jtype(v));
+    if (!json_is_boolean(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected true or false", name, key, mb_json_kind(v));
     *out = json_is_true(v);
     return 0;
 }
@@ -80,7 +80,7 @@ static int get_str(const char *name, json_t *obj, const char *parent, const char
     json_t *v = json_object_get(obj, key);
     *out = NULL;
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_string(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a string", name, f, jtype(v));
+    if (!json_is_string(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a string", name, f, mb_json_kind(v));
     *out = json_string_value(v);
     return 0;
 }
@@ -101,7 +101,7 @@ static int get_token_id(const char *name, json_t *obj, const char *key, int64_t 
         *out = (int64_t)json_integer_value(json_array_get(v, 0));
         return 0;
     }
-    if (!json_is_integer(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a token id in 0..%lld", name, key, jtype(v), (long long)(vocab - 1));
+    if (!json_is_integer(v)) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %s, expected a token id in 0..%lld", name, key, mb_json_kind(v), (long long)(vocab - 1));
     int64_t x = (int64_t)json_integer_value(v);
     if (x < 0 || x >= vocab) return mb_fail(MB_EFORMAT, "%s: \"%s\" is %lld, outside the vocabulary (0..%lld)", name, key, (long long)x, (long long)(vocab - 1));
     *out = x;
@@ -132,11 +132,11 @@ int mb_config_parse(const char *name, const char *text, size_t len, struct mb_co
     json_t *archs = json_object_get(root, "architectures");
     const char *arch = NULL, *mtype = NULL;
     if (archs && !json_is_null(archs)) {
-        if (!json_is_array(archs) || json_array_size(archs) == 0) { rc = mb_fail(MB_EFORMAT, "%s: \"architectures\" is %s, expected a non-empty list of strings", name, json_is_array(archs) ? "an empty list" : jtype(archs)); goto out; }
+        if (!json_is_array(archs) || json_array_size(archs) == 0) { rc = mb_fail(MB_EFORMAT, "%s: \"architectures\" is %s, expected a non-empty list of strings", name, json_is_array(archs) ? "an empty list" : mb_json_kind(archs)); goto out; }
         size_t i;
         json_t *e;
         json_array_foreach(archs, i, e)
-            if (!json_is_string(e)) { rc = mb_fail(MB_EFORMAT, "%s: \"architectures\"[%zu] is %s, expected a string", name, i, jtype(e)); goto out; }
+            if (!json_is_string(e)) { rc = mb_fail(MB_EFORMAT, "%s: \"architectures\"[%zu] is %s, expected a string", name, i, mb_json_kind(e)); goto out; }
         arch = json_string_value(json_array_get(archs, 0));
     }
     if ((rc = get_str(name, root, NULL, "model_type", &mtype))) goto out;
@@ -209,7 +209,7 @@ int mb_config_parse(const char *name, const char *text, size_t len, struct mb_co
     c->rope_orig_max_pos = c->max_pos;
     json_t *rs = json_object_get(root, "rope_scaling");
     if (rs && !json_is_null(rs)) {
-        if (!json_is_object(rs)) { rc = mb_fail(MB_EFORMAT, "%s: \"rope_scaling\" is %s, expected an object or null", name, jtype(rs)); goto out; }
+        if (!json_is_object(rs)) { rc = mb_fail(MB_EFORMAT, "%s: \"rope_scaling\" is %s, expected an object or null", name, mb_json_kind(rs)); goto out; }
         const char *t = NULL, *t2 = NULL;
         if ((rc = get_str(name, rs, "rope_scaling", "rope_type", &t)) || (rc = get_str(name, rs, "rope_scaling", "type", &t2))) goto out;
         if (!t) t = t2;
@@ -232,7 +232,7 @@ int mb_config_parse(const char *name, const char *text, size_t len, struct mb_co
 
     json_t *qc = json_object_get(root, "quantization_config");
     if (qc && !json_is_null(qc)) {
-        if (!json_is_object(qc)) { rc = mb_fail(MB_EFORMAT, "%s: \"quantization_config\" is %s, expected an object", name, jtype(qc)); goto out; }
+        if (!json_is_object(qc)) { rc = mb_fail(MB_EFORMAT, "%s: \"quantization_config\" is %s, expected an object", name, mb_json_kind(qc)); goto out; }
         const char *m;
         if ((rc = get_str(name, qc, "quantization_config", "quant_method", &m))) goto out;
         if (!m || strcmp(m, "exl2")) { rc = mb_fail(MB_EUNSUPPORTED, "%s: quantization method \"%.64s\" is not supported (only exl2)", name, m ? m : "(none)"); goto out; }

@@ -33,18 +33,6 @@ static int proj_index(const char *k) {
     return -1;
 }
 
-static const char *jtype(const json_t *v) {
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "a list";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE: case JSON_FALSE: return "a boolean";
-    default: return "null";
-    }
-}
-
 static int ends_with(const char *s, const char *suf) {
     size_t a = strlen(s), b = strlen(suf);
     return a >= b && !strcmp(s + a - b, suf);
@@ -74,7 +62,7 @@ static int fail_at(const struct ctx *c, const char *fmt, ...) {
 /* one projection's {"group_size", "bits", "bits_prop", "scale_bits"} -> a setting */
 static int parse_proj(const struct ctx *c, json_t *o, struct mb_qsetting *q, char *str, size_t strsz) {
     memset(q, 0, sizeof *q);
-    if (!json_is_object(o)) return FAILP(c, "is %s, expected an object", jtype(o));
+    if (!json_is_object(o)) return FAILP(c, "is %s, expected an object", mb_json_kind(o));
     const char *key;
     json_t *v;
     json_object_foreach(o, key, v)
@@ -82,10 +70,10 @@ static int parse_proj(const struct ctx *c, json_t *o, struct mb_qsetting *q, cha
             return FAILP(c, "unknown key \"%.64s\"", key);
     json_t *jb = json_object_get(o, "bits"), *jp = json_object_get(o, "bits_prop"), *jg = json_object_get(o, "group_size"), *js = json_object_get(o, "scale_bits");
     if (!json_is_array(jb) || json_array_size(jb) < 1 || json_array_size(jb) > MB_QS_MAX)
-        return FAILP(c, "\"bits\" is %s, expected a list of 1 to %d bit widths", jb ? jtype(jb) : "missing", MB_QS_MAX);
+        return FAILP(c, "\"bits\" is %s, expected a list of 1 to %d bit widths", jb ? mb_json_kind(jb) : "missing", MB_QS_MAX);
     size_t n = json_array_size(jb);
     if (!json_is_array(jp) || json_array_size(jp) != n)
-        return FAILP(c, "\"bits_prop\" is %s, expected a list of %zu shares", jp ? (json_is_array(jp) ? "a list of another length" : jtype(jp)) : "missing", n);
+        return FAILP(c, "\"bits_prop\" is %s, expected a list of %zu shares", jp ? (json_is_array(jp) ? "a list of another length" : mb_json_kind(jp)) : "missing", n);
     if (!json_is_integer(js) || json_integer_value(js) != 4)
         return FAILP(c, "\"scale_bits\" must be 4 (the only scale width EXL2 has)");
     q->n = (int)n;
@@ -115,7 +103,7 @@ static int parse_proj(const struct ctx *c, json_t *o, struct mb_qsetting *q, cha
         } else if (json_is_integer(jg)) {
             g = jg;
         } else {
-            return FAILP(c, "\"group_size\" is %s, expected an object, a list or an integer", jg ? jtype(jg) : "missing");
+            return FAILP(c, "\"group_size\" is %s, expected an object, a list or an integer", jg ? mb_json_kind(jg) : "missing");
         }
         json_int_t gi = json_is_integer(g) ? json_integer_value(g) : -1;
         if (gi < 32 || gi > MEAS_MAX_GROUP || gi % 32)
@@ -147,15 +135,15 @@ static int parse_proj(const struct ctx *c, json_t *o, struct mb_qsetting *q, cha
 static int parse_option(const struct ctx *c0, json_t *o, struct mb_meas_option *op, unsigned *keyset) {
     struct ctx c = *c0;
     memset(op, 0, sizeof *op);
-    if (!json_is_object(o)) return FAILP(&c, "is %s, expected an object", jtype(o));
+    if (!json_is_object(o)) return FAILP(&c, "is %s, expected an object", mb_json_kind(o));
     json_t *a = json_object_get(o, "accuracy"), *tb = json_object_get(o, "total_bits");
     if (!a) return FAILP(&c, "no \"accuracy\"");
-    if (!json_is_number(a)) return FAILP(&c, "\"accuracy\" is %s, expected a number in [0, 1]", jtype(a));
+    if (!json_is_number(a)) return FAILP(&c, "\"accuracy\" is %s, expected a number in [0, 1]", mb_json_kind(a));
     op->accuracy = json_number_value(a);
     if (!isfinite(op->accuracy) || op->accuracy < 0 || op->accuracy > 1) return FAILP(&c, "\"accuracy\" %g is outside [0, 1]", op->accuracy);
     if (!tb) return FAILP(&c, "no \"total_bits\"");
     if (!json_is_integer(tb) || json_integer_value(tb) <= 0 || json_integer_value(tb) > ((json_int_t)1 << 62))
-        return FAILP(&c, "\"total_bits\" is %s, expected a positive integer", json_is_integer(tb) ? "out of range" : jtype(tb));
+        return FAILP(&c, "\"total_bits\" is %s, expected a positive integer", json_is_integer(tb) ? "out of range" : mb_json_kind(tb));
     op->total_bits = (int64_t)json_integer_value(tb);
     unsigned seen = 0;
     const char *key;
@@ -197,7 +185,7 @@ int mb_measurement_parse(const char *name, const char *text, size_t len, struct 
     m->last_module_idx = -1;
     if (!json_is_object(root)) { rc = mb_fail(MB_EFORMAT, "%s: not a JSON object", name); goto fail; }
     json_t *meas = json_object_get(root, "measurement"), *lm = json_object_get(root, "last_module_idx");
-    if (!json_is_object(meas)) { rc = mb_fail(MB_EFORMAT, "%s: \"measurement\" is %s, expected an object", name, meas ? jtype(meas) : "missing"); goto fail; }
+    if (!json_is_object(meas)) { rc = mb_fail(MB_EFORMAT, "%s: \"measurement\" is %s, expected an object", name, meas ? mb_json_kind(meas) : "missing"); goto fail; }
     if (lm && !json_is_null(lm)) {
         if (!json_is_integer(lm) || json_integer_value(lm) < 0 || json_integer_value(lm) > 4 * MEAS_MAX_MODULES) {
             rc = mb_fail(MB_EFORMAT, "%s: \"last_module_idx\" is not an integer in 0..%d", name, 4 * MEAS_MAX_MODULES);
@@ -219,7 +207,7 @@ int mb_measurement_parse(const char *name, const char *text, size_t len, struct 
         else if (ends_with(mname, ".mlp")) { want[0] = SET_MLP; want[1] = SET_MLP_NOGATE; }
         else if (ends_with(mname, ".block_sparse_moe")) want[0] = SET_MOE;
         else { rc = mb_fail(MB_EFORMAT, "%s: %.128s: not a module mixbit measures (expected a name ending in .self_attn, .mlp or .block_sparse_moe)", name, mname); goto fail; }
-        if (!json_is_array(arr)) { rc = mb_fail(MB_EFORMAT, "%s: %.128s is %s, expected a list of options", name, mname, jtype(arr)); goto fail; }
+        if (!json_is_array(arr)) { rc = mb_fail(MB_EFORMAT, "%s: %.128s is %s, expected a list of options", name, mname, mb_json_kind(arr)); goto fail; }
         size_t no = json_array_size(arr);
         if (no < 1 || no > MEAS_MAX_OPTIONS) { rc = mb_fail(MB_EFORMAT, "%s: %.128s has %zu options, expected 1..%d", name, mname, no, MEAS_MAX_OPTIONS); goto fail; }
         struct mb_meas_module *mod = &m->modules[m->n_modules++];
