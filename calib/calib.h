@@ -190,6 +190,10 @@ void mb_sens_close(struct mb_sens *z);
  * stream probed before m advances through module m with the model's weights w. */
 int mb_sens_module(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, const struct mb_layer_w *w, const struct mb_layer_w *q, int m,
                    int64_t chunk_rows);
+/* Checkpoint the streams of modules [0, upto) to `path` atomically (device buffers through host memory in
+ * chunks), and read them back into a freshly opened z. */
+int mb_sens_save(const struct mb_sens *z, int upto, const char *path);
+int mb_sens_load(struct mb_sens *z, int upto, const char *path);
 /* After the last module (buf[cur] = the reference final states): kld[m] of every probed stream. */
 int mb_sens_finish(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, int64_t chunk_rows);
 

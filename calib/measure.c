@@ -587,3 +587,44 @@ out:
     free(ql);
     return rc;
 }
+
+int mb_sens_save(const struct mb_sens *z, int upto, const char *path) {
+    size_t bytes = (size_t)(z->S * z->L * z->H) * sizeof(float);
+    struct mb_atomic_file af;
+    int rc = mb_atomic_open(&af, path);
+    if (rc) return rc;
+    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
+    if (!tmp) { mb_atomic_abort(&af); return mb_fail(MB_ENOMEM, "out of memory"); }
+    for (int m = 0; m < upto && !rc; m++)
+        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
+            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
+            if (!z->stream[m]) rc = mb_fail(MB_EINVAL, "sensitivity stream %d missing", m);
+            else if (!(rc = z->ops->download(tmp, (const char *)z->stream[m] + o, n)) && fwrite(tmp, 1, n, af.f) != n)
+                rc = mb_fail(MB_EIO, "%s: write failed: %s", path, strerror(errno));
+        }
+    free(tmp);
+    if (rc) { mb_atomic_abort(&af); return rc; }
+    return mb_atomic_commit(&af);
+}
+
+int mb_sens_load(struct mb_sens *z, int upto, const char *path) {
+    size_t bytes = (size_t)(z->S * z->L * z->H) * sizeof(float);
+    FILE *f;
+    size_t fsz;
+    int rc = mb_fopen_regular(path, &f, &fsz);
+    if (rc) return mb_fail_ctx(rc, "checkpoint of the sensitivity streams");
+    if (fsz != bytes * (size_t)upto) { fclose(f); return mb_fail(MB_EFORMAT, "%s: truncated checkpoint (%zu of %zu bytes)", path, fsz, bytes * (size_t)upto); }
+    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
+    if (!tmp) rc = mb_fail(MB_ENOMEM, "out of memory");
+    for (int m = 0; m < upto && !rc; m++) {
+        if (!z->stream[m] && !(z->stream[m] = z->ops->alloc(bytes))) { rc = mb_fail(MB_ENOMEM, "out of %s memory for a sensitivity stream (%zu bytes)", z->ops->name, bytes); break; }
+        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
+            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
+            if (fread(tmp, 1, n, f) != n) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
+            else rc = z->ops->upload((char *)z->stream[m] + o, tmp, n);
+        }
+    }
+    free(tmp);
+    fclose(f);
+    return rc;
+}

@@ -73,6 +73,8 @@ struct conv {
     int *sens_probe;       /* [nmod] the probe's option row */
     int64_t sens_S;        /* sequences of the sensitivity pass (0: off) */
     int sens_loaded;       /* the sensitivity came with --measurement */
+    struct mb_sens sens;   /* the sensitivity pass in progress (streams, errors) */
+    double *sens_err;      /* [nmod] its probes' errors, restored from a checkpoint inside the pass */
     int *choice;           /* [nmod] */
     double last_ckpt;
     int64_t *expert_tokens;/* [layers][experts] */
@@ -160,9 +162,14 @@ static int save_state(struct conv *cv) {
     struct mb_states *s = &cv->st;
     int rc = 0;
     char p[4400];
-    if (s->buf[0] && (cv->stage == ST_MEASURE || cv->stage == ST_QUANT || cv->stage == ST_HEAD)) {
+    if (s->buf[0] && (cv->stage == ST_MEASURE || cv->stage == ST_SENS || cv->stage == ST_QUANT || cv->stage == ST_HEAD)) {
         wpath(cv, p, sizeof p, "states.f32");
         if ((rc = mb_states_save(s, p))) return rc;
+    }
+    int in_sens = cv->stage == ST_SENS && cv->next_module > 0 && cv->sens.stream;
+    if (in_sens) {
+        wpath(cv, p, sizeof p, "sens.f32");
+        if ((rc = mb_sens_save(&cv->sens, cv->next_module, p))) return rc;
     }
     json_t *j = json_object();
     json_object_set_new(j, "args", json_string(cv->args_hash));
@@ -183,6 +190,12 @@ static int save_state(struct conv *cv) {
     json_t *et = json_array();
     for (int64_t i = 0; i < cv->c->n_layers * cv->c->n_experts; i++) json_array_append_new(et, json_integer(cv->expert_tokens[i]));
     json_object_set_new(j, "expert_tokens", et);
+    if (in_sens) {
+        json_t *se = json_array(), *sp = json_array();
+        for (int m = 0; m < cv->next_module; m++) { json_array_append_new(se, json_real(cv->sens_err[m])); json_array_append_new(sp, json_integer(cv->sens_probe[m])); }
+        json_object_set_new(j, "sensitivity_err", se);
+        json_object_set_new(j, "sensitivity_probe", sp);
+    }
     if (cv->sens_S && cv->stage > ST_SENS) {
         json_t *sk = json_array(), *sp = json_array();
         for (int m = 0; m < cv->nmod; m++) { json_array_append_new(sk, json_real(cv->sens_kld[m])); json_array_append_new(sp, json_integer(cv->sens_probe[m])); }
@@ -227,6 +240,14 @@ static int load_state(struct conv *cv, int *found) {
         cv->choice[m] = (int)json_integer_value(json_array_get(ch, m));
     }
     for (size_t i = 0; i < json_array_size(et) && i < (size_t)(cv->c->n_layers * cv->c->n_experts); i++) cv->expert_tokens[i] = json_integer_value(json_array_get(et, i));
+    if (cv->sens_S && cv->stage == ST_SENS && cv->next_module > 0) {
+        json_t *se = json_object_get(j, "sensitivity_err"), *sp = json_object_get(j, "sensitivity_probe");
+        if (json_array_size(se) != (size_t)cv->next_module || json_array_size(sp) != (size_t)cv->next_module) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
+        for (int m = 0; m < cv->next_module; m++) {
+            cv->sens_err[m] = json_number_value(json_array_get(se, m));
+            cv->sens_probe[m] = (int)json_integer_value(json_array_get(sp, m));
+        }
+    }
     if (cv->sens_S && cv->stage > ST_SENS) {
         json_t *sk = json_object_get(j, "sensitivity_kld"), *sp = json_object_get(j, "sensitivity_probe");
         if (json_array_size(sk) != (size_t)cv->nmod || json_array_size(sp) != (size_t)cv->nmod) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
@@ -1032,7 +1053,8 @@ static int preflight(struct conv *cv, int *found) {
         int64_t st = p->sens_tokens < 0 ? SENS_TOKENS : p->sens_tokens;
         cv->sens_S = st > 0 ? (st + cv->L - 1) / cv->L : 0;
         if (cv->sens_S > cv->Rm) cv->sens_S = cv->Rm;
-        if (cv->sens_S && (!(cv->sens_kld = calloc(cv->nmod, sizeof *cv->sens_kld)) || !(cv->sens_probe = calloc(cv->nmod, sizeof *cv->sens_probe))))
+        if (cv->sens_S && (!(cv->sens_kld = calloc(cv->nmod, sizeof *cv->sens_kld)) || !(cv->sens_probe = calloc(cv->nmod, sizeof *cv->sens_probe)) ||
+                           !(cv->sens_err = calloc(cv->nmod, sizeof *cv->sens_err))))
             return mb_fail(MB_ENOMEM, "out of memory");
     }
     if (!p->min_expert_tokens && cv->c->n_experts) {
@@ -1140,20 +1162,27 @@ static int probe_row(const struct conv *cv, int m) {
 }
 
 /* The sensitivity pass (calib/calib.h mb_sens): each module quantized alone with its probe row, the KL
- * divergence of the final logits on the first sens_S measurement rows. Not checkpointed inside: a resumed
- * conversion runs it again from the start. */
+ * divergence of the final logits on the first sens_S measurement rows. Checkpointed inside like the other
+ * passes: the states, the streams of the modules probed so far (work/sens.f32) and their errors. */
 static int stage_sens(struct conv *cv) {
     double t0 = mb_now();
-    struct mb_sens z;
-    int rc;
-    cv->next_module = -1;
-    if ((rc = states_open(cv, cv->Rm, 0))) return rc;
-    if ((rc = mb_sens_open(&z, cv->ops, cv->nmod, cv->sens_S, cv->L, cv->c->hidden))) return rc;
-    if ((rc = mb_states_embed(&cv->st, &cv->f, cv->rows_m, cv->chunk_rows))) goto out;
+    struct mb_sens *z = &cv->sens;
+    int rc, resume = cv->next_module >= 0;
+    char sp[4400];
+    wpath(cv, sp, sizeof sp, "sens.f32");
+    if ((rc = states_open(cv, cv->Rm, resume))) return rc;
+    if ((rc = mb_sens_open(z, cv->ops, cv->nmod, cv->sens_S, cv->L, cv->c->hidden))) return rc;
+    if (resume) {
+        if ((rc = mb_sens_load(z, cv->next_module, sp))) goto out;
+        for (int m = 0; m < cv->next_module; m++) z->err[m] = cv->sens_err[m];
+    } else {
+        if ((rc = mb_states_embed(&cv->st, &cv->f, cv->rows_m, cv->chunk_rows))) goto out;
+        cv->next_module = 0;
+    }
     mb_info("sensitivity: each module quantized alone, KL divergence of the output on %lld x %lld tokens", (long long)cv->sens_S, (long long)cv->L);
     struct mb_progress pr;
     mb_progress_begin(&pr, "sensitivity", "modules", cv->nmod);
-    for (int m = 0; m < cv->nmod && !rc; m++) {
+    for (int m = cv->next_module; m < cv->nmod && !rc; m++) {
         const struct mb_module_table *t = &cv->tab[m];
         const struct mb_layer_w *w;
         struct mb_layer_w *q = NULL;
@@ -1168,28 +1197,33 @@ static int stage_sens(struct conv *cv) {
         if (!rc) rc = mb_collect_hessians(&cv->st, &cv->f, w, m, cv->chunk_rows, cv->p->min_expert_tokens, NULL, &hs);
         if (!rc) maybe_kill("sens", m);
         if (!rc) rc = mb_quantize_module(&cv->f, w, m, &hs, t, cv->sens_probe[m], NULL, cv->p->rtn, pk, &q);
-        if (!rc) rc = mb_sens_module(&z, &cv->st, &cv->f, w, q, m, cv->chunk_rows);
+        if (!rc) rc = mb_sens_module(z, &cv->st, &cv->f, w, q, m, cv->chunk_rows);
         mb_quantized_free(q, m, t);
         if (pk) for (int i = 0; i < n; i++) mb_exl2_packed_free(&pk[i]);
         free(pk);
         mb_hset_free(&hs);
         if (rc) { rc = mb_fail_ctx(rc, "sensitivity of %s", mname); break; }
         flip(cv);
+        cv->sens_err[m] = z->err[m];
+        cv->next_module = m + 1;
         mb_progress_update(&pr, m + 1);
+        if (m + 1 < cv->nmod) rc = maybe_checkpoint(cv, 0);
     }
-    if (!rc) rc = mb_sens_finish(&z, &cv->st, &cv->f, cv->chunk_rows);
+    if (!rc) rc = mb_sens_finish(z, &cv->st, &cv->f, cv->chunk_rows);
     if (!rc) {
         mb_progress_end(&pr);
-        for (int m = 0; m < cv->nmod; m++) cv->sens_kld[m] = z.kld[m];
+        for (int m = 0; m < cv->nmod; m++) cv->sens_kld[m] = z->kld[m];
     }
 out:
-    mb_sens_close(&z);
+    mb_sens_close(z);
     mb_states_close(&cv->st);
     if (rc) return rc;
     cv->t_sens = mb_now() - t0;
     cv->stage = ST_QUANT;
     cv->next_module = -1;
-    return save_state(cv);
+    if ((rc = save_state(cv))) return rc;
+    unlink(sp); /* after the checkpoint that no longer needs it */
+    return 0;
 }
 
 static int stage_quantize(struct conv *cv) {
@@ -1406,6 +1440,8 @@ out:
     free(cv->acc);
     free(cv->sens_kld);
     free(cv->sens_probe);
+    free(cv->sens_err);
+    mb_sens_close(&cv->sens);
     free(cv->choice);
     free(cv->expert_tokens);
     mb_tokenizer_free(cv->tok);
