@@ -529,6 +529,7 @@ int mb_sens_finish(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, int
     if (CR > chunk_rows) CR = chunk_rows;
     if (CR < 1) CR = 1;
     int rc = 0;
+    /* ref [M, H] final states; lg [CR, V] logits of CR positions; ids_b / vals_b [CR, K] the reference's top K */
     float *ref = o->alloc((size_t)(M * H) * sizeof(float)), *lg = o->alloc((size_t)(CR * V) * sizeof(float));
     float *vals_b = o->alloc((size_t)(CR * K) * sizeof(float));
     int32_t *ids_b = o->alloc((size_t)(CR * K) * sizeof(int32_t)), *am_b = o->alloc((size_t)CR * sizeof(int32_t));

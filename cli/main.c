@@ -341,9 +341,9 @@ static int cmd_gpu(int argc, char **argv) {
             return 0;
         }
         printf("gpu libraries: cuBLAS, cuSOLVER loaded\n");
-        printf("with --device auto (the default), on the GPU: convert (calibration forward passes, Hessians, measurement of every option, GPTQ,\n"
-               "the quantized forward, the head, the before/after evaluation) and ppl; on the CPU: tokenizing, allocation, EXL2 packing and\n"
-               "its self-check, writing the output\n");
+        printf("with --device auto (the default), on the GPU: convert (calibration forward passes, Hessians, measurement of every option,\n"
+               "the sensitivity pass, GPTQ, the quantized forward, the head, the before/after evaluation) and ppl; on the CPU: tokenizing,\n"
+               "allocation, EXL2 packing and its self-check, writing the output\n");
     } else {
         printf("gpu: none (%s)\n", mb_errmsg());
         printf("every stage runs on the CPU (--device auto)\n");
