@@ -763,9 +763,13 @@ int mb_card_write(const char *out_dir, const struct mb_card_params *p) {
     sb_printf(b, "## Bit allocation\n\n"
                  "![Bits per weight of the attention and %s modules of every layer, the target, and the measured error of the chosen options](mixbit-bits.svg)\n\n"
                  "Each bar is one module's chosen option in bits per weight (scales and group tables included); the dashed line is the target; each dot "
-                 "is that option's measured error (1 - accuracy of the module's output on the calibration rows), on the right-hand axis. The "
-                 "allocation minimises the summed error of all modules within the bit budget, so bits go where they reduce the error most.\n\n",
-              L.moe ? "MoE" : "MLP");
+                 "is that option's measured error (1 - accuracy of the module's output on the calibration rows), on the right-hand axis. %s\n\n",
+              L.moe ? "MoE" : "MLP",
+              json_integer_value(json_object_get(r, "sensitivity_tokens")) > 0
+                  ? "Each module's error is weighted by what it costs at the model's output (the KL divergence of the final logits when that "
+                    "module alone is quantized, measured on calibration tokens), and the allocation minimises the predicted output KL "
+                    "divergence within the bit budget, so bits go where the output is most sensitive."
+                  : "The allocation minimises the summed error of all modules within the bit budget, so bits go where they reduce the error most.");
     sb_printf(b, "## Checking the files\n\n"
                  "`%s` lists the size and SHA-256 of every file; `mixbit verify DIR` checks them, the safetensors headers, every tensor "
                  "`config.json` implies, and the structure of every EXL2 layer. `mixbit-report.json` holds every number above and the option "

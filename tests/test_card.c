@@ -252,6 +252,7 @@ static void test_card_from_cli(void) {
     CHECK(strstr(t, getenv("MB_ASAN") ? "tinystories-sample.txt" : "calib-kjv-jargon.txt") != NULL);
     CHECK(strstr(t, "context 128") != NULL);
     CHECK(strstr(t, "ExLlamaV2Config(") && strstr(t, "TabbyAPI"));
+    CHECK(strstr(t, "where the output is most sensitive") != NULL); /* the default allocation weighs errors by their output KLD */
     CHECK(strstr(t, "## Original model card") != NULL);
     CHECK(strstr(t, "max_seq_len=512") || getenv("MB_ASAN")); /* from config.json: kjv-mixtral has 512 positions */
     no_local_path("README.md", t);
@@ -323,6 +324,7 @@ static void test_card_new_report(void) {
         json_object_set_new(o, "error", json_real(1.0 - json_real_value(json_object_get(o, "accuracy"))));
     }
     json_object_set_new(r, "source_card", json_string(src_card));
+    json_object_set_new(r, "sensitivity_tokens", json_integer(0)); /* --sens-tokens 0: ExLlamaV2's allocation */
     CHECK_EQ(json_dump_file(r, rp, JSON_INDENT(1)), 0);
     json_decref(r);
     const char *qb = "Jane \"Q\" Doe: #1 \\ back\x01";
@@ -332,6 +334,7 @@ static void test_card_new_report(void) {
     CHECK(t && svg);
     if (!t || !svg) { free(t); free(svg); return; }
     CHECK_MSG(front_matter_ok(t, why, sizeof why), "%s", why);
+    CHECK(strstr(t, "minimises the summed error") && !strstr(t, "most sensitive"));
     char hd[128];
     snprintf(hd, sizeof hd, "\n# EXL2 %s bpw quantization of Kjv \\& \\<Mixtral\\> \"x\"\n", target_bpw);
     CHECK_MSG(strstr(t, hd) != NULL, "no heading \"%s\"", hd + 1);
