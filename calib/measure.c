@@ -64,22 +64,41 @@ void mb_states_close(struct mb_states *s) {
 /* host memory for device states moved in chunks of at most 64 MB */
 #define STATE_CHUNK ((size_t)64 << 20)
 
-int mb_states_save(struct mb_states *s, const char *path) {
-    size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
-    if (s->mapped) return msync(s->buf[s->cur], bytes, MS_SYNC) ? mb_fail(MB_EIO, "%s: msync: %s", s->path[s->cur], strerror(errno)) : 0;
-    if (!s->ops->device || !s->on_backend) return mb_write_file_atomic(path, s->buf[s->cur], bytes);
-    struct mb_atomic_file af;
-    int rc = mb_atomic_open(&af, path);
-    if (rc) return rc;
-    char *tmp = malloc(STATE_CHUNK);
-    if (!tmp) { mb_atomic_abort(&af); return mb_fail(MB_ENOMEM, "out of memory"); }
-    for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
-        size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
-        if (!(rc = s->ops->download(tmp, (char *)s->buf[s->cur] + o, n)) && fwrite(tmp, 1, n, af.f) != n)
+/* bytes of a buffer to / from an open file: host memory (o NULL) in one call, backend memory of o through a
+ * host buffer in chunks of STATE_CHUNK */
+static int file_put(FILE *f, const char *path, const struct mb_ops *o, const void *src, size_t bytes) {
+    if (!o) return bytes && fwrite(src, 1, bytes, f) != bytes ? mb_fail(MB_EIO, "%s: write failed: %s", path, strerror(errno)) : 0;
+    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
+    int rc = tmp || !bytes ? 0 : mb_fail(MB_ENOMEM, "out of memory");
+    for (size_t off = 0; off < bytes && !rc; off += STATE_CHUNK) {
+        size_t n = bytes - off < STATE_CHUNK ? bytes - off : STATE_CHUNK;
+        if (!(rc = o->download(tmp, (const char *)src + off, n)) && fwrite(tmp, 1, n, f) != n)
             rc = mb_fail(MB_EIO, "%s: write failed: %s", path, strerror(errno));
     }
     free(tmp);
-    if (rc) { mb_atomic_abort(&af); return rc; }
+    return rc;
+}
+
+static int file_get(FILE *f, const char *path, const struct mb_ops *o, void *dst, size_t bytes) {
+    if (!o) return fread(dst, 1, bytes, f) != bytes ? mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path) : 0;
+    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
+    int rc = tmp || !bytes ? 0 : mb_fail(MB_ENOMEM, "out of memory");
+    for (size_t off = 0; off < bytes && !rc; off += STATE_CHUNK) {
+        size_t n = bytes - off < STATE_CHUNK ? bytes - off : STATE_CHUNK;
+        if (fread(tmp, 1, n, f) != n) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
+        else rc = o->upload((char *)dst + off, tmp, n);
+    }
+    free(tmp);
+    return rc;
+}
+
+int mb_states_save(struct mb_states *s, const char *path) {
+    size_t bytes = (size_t)(s->R * s->L * s->H) * sizeof(float);
+    if (s->mapped) return msync(s->buf[s->cur], bytes, MS_SYNC) ? mb_fail(MB_EIO, "%s: msync: %s", s->path[s->cur], strerror(errno)) : 0;
+    struct mb_atomic_file af;
+    int rc = mb_atomic_open(&af, path);
+    if (rc) return rc;
+    if ((rc = file_put(af.f, path, s->ops->device && s->on_backend ? s->ops : NULL, s->buf[s->cur], bytes))) { mb_atomic_abort(&af); return rc; }
     return mb_atomic_commit(&af);
 }
 
@@ -91,18 +110,7 @@ int mb_states_load(struct mb_states *s, const char *path) {
     int rc = mb_fopen_regular(path, &f, &fsz);
     if (rc) return mb_fail_ctx(rc, "checkpoint of the hidden states");
     if (fsz != bytes) { fclose(f); return mb_fail(MB_EFORMAT, "%s: truncated checkpoint (%zu of %zu bytes)", path, fsz, bytes); }
-    if (!s->ops->device || !s->on_backend) {
-        if (fread(s->buf[s->cur], 1, bytes, f) != bytes) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
-    } else {
-        char *tmp = malloc(STATE_CHUNK);
-        if (!tmp) rc = mb_fail(MB_ENOMEM, "out of memory");
-        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
-            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
-            if (fread(tmp, 1, n, f) != n) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
-            else rc = s->ops->upload((char *)s->buf[s->cur] + o, tmp, n);
-        }
-        free(tmp);
-    }
+    rc = file_get(f, path, s->ops->device && s->on_backend ? s->ops : NULL, s->buf[s->cur], bytes);
     fclose(f);
     return rc;
 }
@@ -118,6 +126,14 @@ int mb_states_embed(struct mb_states *s, struct mb_fwd *f, const int32_t *rows, 
             rc = o->download(s->buf[s->cur] + s0 * L * H, f->tmp, (size_t)(ns * L * H) * sizeof(float));
     }
     return rc;
+}
+
+/* a copy of sequences [s0, s0 + ns) of buffer k in the backend buffer dst */
+static int states_rows(struct mb_states *s, int k, int64_t s0, int64_t ns, float *dst) {
+    const float *x = s->buf[k] + s0 * s->L * s->H;
+    size_t bytes = (size_t)(ns * s->L * s->H) * sizeof(float);
+    if (s->on_backend) { s->ops->copy(dst, x, bytes); return 0; }
+    return s->ops->upload(dst, x, bytes);
 }
 
 /* the chunk of sequences [s0, s0 + ns) of buffer k as a backend pointer: the states themselves when they
@@ -288,12 +304,8 @@ static struct mb_weight exl2_view(const struct mb_exl2_packed *pk, int64_t K, co
 /* sequences [s0, s0 + ns): a copy of the module input in the backend buffer tmp (the forward pass overwrites
  * it), and *y_ref their reference outputs as a backend pointer (chunk_in, staged in ref when needed) */
 static int measure_chunk(struct mb_states *s, int64_t s0, int64_t ns, float *tmp, float *ref, const float **y_ref) {
-    int rc = 0;
-    const float *x = s->buf[s->cur] + s0 * s->L * s->H;
-    size_t bytes = (size_t)(ns * s->L * s->H) * sizeof(float);
-    if (s->on_backend) s->ops->copy(tmp, x, bytes);
-    else if ((rc = s->ops->upload(tmp, x, bytes))) return rc;
-    *y_ref = chunk_in(s, s->cur ^ 1, s0, ns, ref, &rc);
+    int rc = states_rows(s, s->cur, s0, ns, tmp);
+    if (!rc) *y_ref = chunk_in(s, s->cur ^ 1, s0, ns, ref, &rc);
     return rc;
 }
 
@@ -473,13 +485,6 @@ void mb_sens_close(struct mb_sens *z) {
     memset(z, 0, sizeof *z);
 }
 
-/* sequences [0, S) of states buffer k into the backend buffer dst */
-static int states_rows(struct mb_states *s, int k, int64_t S, float *dst) {
-    size_t bytes = (size_t)(S * s->L * s->H) * sizeof(float);
-    if (s->on_backend) { s->ops->copy(dst, s->buf[k], bytes); return 0; }
-    return s->ops->upload(dst, s->buf[k], bytes);
-}
-
 /* module m (weights w) over the S sequences of a stream, in chunks the runner's buffers hold */
 static int stream_module(struct mb_fwd *f, const struct mb_layer_w *w, int m, float *x, int64_t S, int64_t L, int64_t H, int64_t chunk_rows) {
     int64_t C = chunk_rows / L > 0 ? chunk_rows / L : 1;
@@ -498,13 +503,13 @@ int mb_sens_module(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, con
         if (z->stream[k]) rc = stream_module(f, w, m, z->stream[k], S, L, H, chunk_rows);
     if (rc) return rc;
     if (!(z->stream[m] = o->alloc(bytes))) return mb_fail(MB_ENOMEM, "out of %s memory for a sensitivity stream (%zu bytes)", o->name, bytes);
-    if ((rc = states_rows(s, s->cur, S, z->stream[m])) || (rc = stream_module(f, q, m, z->stream[m], S, L, H, chunk_rows))) return rc;
+    if ((rc = states_rows(s, s->cur, 0, S, z->stream[m])) || (rc = stream_module(f, q, m, z->stream[m], S, L, H, chunk_rows))) return rc;
     /* the probe's error against the reference output, as the measurement scores it */
     float *ref = o->alloc(bytes);
     double *dd = o->alloc((size_t)S * sizeof *dd), *rr = o->alloc((size_t)S * sizeof *rr);
     double *hd = malloc((size_t)S * sizeof *hd), *hr = malloc((size_t)S * sizeof *hr);
     if (!ref || !dd || !rr || !hd || !hr) rc = mb_fail(MB_ENOMEM, "out of %s memory for the sensitivity error", o->name);
-    if (!rc) rc = states_rows(s, s->cur ^ 1, S, ref);
+    if (!rc) rc = states_rows(s, s->cur ^ 1, 0, S, ref);
     if (!rc) {
         o->seq_error(z->stream[m], ref, S, L * H, dd, rr);
         if (!(rc = o->download(hd, dd, (size_t)S * sizeof *hd)) && !(rc = o->download(hr, rr, (size_t)S * sizeof *hr))) {
@@ -532,24 +537,24 @@ int mb_sens_finish(struct mb_sens *z, struct mb_states *s, struct mb_fwd *f, int
     /* ref [M, H] final states; lg [CR, V] logits of CR positions; ids_b / vals_b [CR, K] the reference's top K */
     float *ref = o->alloc((size_t)(M * H) * sizeof(float)), *lg = o->alloc((size_t)(CR * V) * sizeof(float));
     float *vals_b = o->alloc((size_t)(CR * K) * sizeof(float));
-    int32_t *ids_b = o->alloc((size_t)(CR * K) * sizeof(int32_t)), *am_b = o->alloc((size_t)CR * sizeof(int32_t));
+    int32_t *ids_b = o->alloc((size_t)(CR * K) * sizeof(int32_t));
     double *lse_b = o->alloc((size_t)CR * sizeof(double));
     float *rv = malloc((size_t)(CR * K) * sizeof *rv), *qv = malloc((size_t)(CR * K) * sizeof *qv);
     double *rl = malloc((size_t)CR * sizeof *rl), *ql = malloc((size_t)CR * sizeof *ql);
-    if (!ref || !lg || !vals_b || !ids_b || !am_b || !lse_b || !rv || !qv || !rl || !ql) { rc = mb_fail(MB_ENOMEM, "out of %s memory for the sensitivity logits", o->name); goto out; }
-    if ((rc = states_rows(s, s->cur, S, ref))) goto out;
+    if (!ref || !lg || !vals_b || !ids_b || !lse_b || !rv || !qv || !rl || !ql) { rc = mb_fail(MB_ENOMEM, "out of %s memory for the sensitivity logits", o->name); goto out; }
+    if ((rc = states_rows(s, s->cur, 0, S, ref))) goto out;
     for (int m = 0; m < z->nmod; m++) z->kld[m] = 0;
     for (int64_t r0 = 0; r0 < M && !rc; r0 += CR) {
         int64_t n = M - r0 < CR ? M - r0 : CR;
         /* the reference: log-sum-exp and its top K log-probabilities */
         if ((rc = mb_fwd_logits(f, ref + r0 * H, n, lg))) break;
-        o->logit_stats(lg, n, V, NULL, lse_b, NULL, am_b);
+        o->logit_stats(lg, n, V, NULL, lse_b, NULL, NULL);
         o->topk(lg, n, V, (int)K, ids_b, vals_b);
         if ((rc = o->download(rv, vals_b, (size_t)(n * K) * sizeof *rv)) || (rc = o->download(rl, lse_b, (size_t)n * sizeof *rl))) break;
         for (int m = 0; m < z->nmod && !rc; m++) {
             if (!z->stream[m]) continue;
             if ((rc = mb_fwd_logits(f, z->stream[m] + r0 * H, n, lg))) break;
-            o->logit_stats(lg, n, V, NULL, lse_b, NULL, am_b);
+            o->logit_stats(lg, n, V, NULL, lse_b, NULL, NULL);
             o->gather_cols(lg, n, V, ids_b, (int)K, vals_b);
             if ((rc = o->download(qv, vals_b, (size_t)(n * K) * sizeof *qv)) || (rc = o->download(ql, lse_b, (size_t)n * sizeof *ql))) break;
             double sum = 0;
@@ -580,7 +585,6 @@ out:
     o->free(lg);
     o->free(vals_b);
     o->free(ids_b);
-    o->free(am_b);
     o->free(lse_b);
     free(rv);
     free(qv);
@@ -594,16 +598,8 @@ int mb_sens_save(const struct mb_sens *z, int upto, const char *path) {
     struct mb_atomic_file af;
     int rc = mb_atomic_open(&af, path);
     if (rc) return rc;
-    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
-    if (!tmp) { mb_atomic_abort(&af); return mb_fail(MB_ENOMEM, "out of memory"); }
     for (int m = 0; m < upto && !rc; m++)
-        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
-            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
-            if (!z->stream[m]) rc = mb_fail(MB_EINVAL, "sensitivity stream %d missing", m);
-            else if (!(rc = z->ops->download(tmp, (const char *)z->stream[m] + o, n)) && fwrite(tmp, 1, n, af.f) != n)
-                rc = mb_fail(MB_EIO, "%s: write failed: %s", path, strerror(errno));
-        }
-    free(tmp);
+        rc = z->stream[m] ? file_put(af.f, path, z->ops, z->stream[m], bytes) : mb_fail(MB_EINVAL, "sensitivity stream %d missing", m);
     if (rc) { mb_atomic_abort(&af); return rc; }
     return mb_atomic_commit(&af);
 }
@@ -615,17 +611,10 @@ int mb_sens_load(struct mb_sens *z, int upto, const char *path) {
     int rc = mb_fopen_regular(path, &f, &fsz);
     if (rc) return mb_fail_ctx(rc, "checkpoint of the sensitivity streams");
     if (fsz != bytes * (size_t)upto) { fclose(f); return mb_fail(MB_EFORMAT, "%s: truncated checkpoint (%zu of %zu bytes)", path, fsz, bytes * (size_t)upto); }
-    char *tmp = malloc(bytes < STATE_CHUNK ? bytes : STATE_CHUNK);
-    if (!tmp) rc = mb_fail(MB_ENOMEM, "out of memory");
     for (int m = 0; m < upto && !rc; m++) {
         if (!z->stream[m] && !(z->stream[m] = z->ops->alloc(bytes))) { rc = mb_fail(MB_ENOMEM, "out of %s memory for a sensitivity stream (%zu bytes)", z->ops->name, bytes); break; }
-        for (size_t o = 0; o < bytes && !rc; o += STATE_CHUNK) {
-            size_t n = bytes - o < STATE_CHUNK ? bytes - o : STATE_CHUNK;
-            if (fread(tmp, 1, n, f) != n) rc = mb_fail(MB_EFORMAT, "%s: truncated checkpoint", path);
-            else rc = z->ops->upload((char *)z->stream[m] + o, tmp, n);
-        }
+        rc = file_get(f, path, z->ops, z->stream[m], bytes);
     }
-    free(tmp);
     fclose(f);
     return rc;
 }

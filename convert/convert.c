@@ -73,8 +73,7 @@ struct conv {
     int *sens_probe;       /* [nmod] the probe's option row */
     int64_t sens_S;        /* sequences of the sensitivity pass (0: off) */
     int sens_loaded;       /* the sensitivity came with --measurement */
-    struct mb_sens sens;   /* the sensitivity pass in progress (streams, errors) */
-    double *sens_err;      /* [nmod] its probes' errors, restored from a checkpoint inside the pass */
+    struct mb_sens sens;   /* the sensitivity pass in progress (its streams are checkpointed) */
     int *choice;           /* [nmod] */
     double last_ckpt;
     int64_t *expert_tokens;/* [layers][experts] */
@@ -166,8 +165,7 @@ static int save_state(struct conv *cv) {
         wpath(cv, p, sizeof p, "states.f32");
         if ((rc = mb_states_save(s, p))) return rc;
     }
-    int in_sens = cv->stage == ST_SENS && cv->next_module > 0 && cv->sens.stream;
-    if (in_sens) {
+    if (cv->stage == ST_SENS && cv->next_module > 0 && cv->sens.stream) {
         wpath(cv, p, sizeof p, "sens.f32");
         if ((rc = mb_sens_save(&cv->sens, cv->next_module, p))) return rc;
     }
@@ -190,12 +188,6 @@ static int save_state(struct conv *cv) {
     json_t *et = json_array();
     for (int64_t i = 0; i < cv->c->n_layers * cv->c->n_experts; i++) json_array_append_new(et, json_integer(cv->expert_tokens[i]));
     json_object_set_new(j, "expert_tokens", et);
-    if (in_sens) {
-        json_t *se = json_array(), *sp = json_array();
-        for (int m = 0; m < cv->next_module; m++) { json_array_append_new(se, json_real(cv->sens_err[m])); json_array_append_new(sp, json_integer(cv->sens_probe[m])); }
-        json_object_set_new(j, "sensitivity_err", se);
-        json_object_set_new(j, "sensitivity_probe", sp);
-    }
     if (cv->sens_S && cv->stage > ST_SENS) {
         json_t *sk = json_array(), *sp = json_array();
         for (int m = 0; m < cv->nmod; m++) { json_array_append_new(sk, json_real(cv->sens_kld[m])); json_array_append_new(sp, json_integer(cv->sens_probe[m])); }
@@ -240,14 +232,6 @@ static int load_state(struct conv *cv, int *found) {
         cv->choice[m] = (int)json_integer_value(json_array_get(ch, m));
     }
     for (size_t i = 0; i < json_array_size(et) && i < (size_t)(cv->c->n_layers * cv->c->n_experts); i++) cv->expert_tokens[i] = json_integer_value(json_array_get(et, i));
-    if (cv->sens_S && cv->stage == ST_SENS && cv->next_module > 0) {
-        json_t *se = json_object_get(j, "sensitivity_err"), *sp = json_object_get(j, "sensitivity_probe");
-        if (json_array_size(se) != (size_t)cv->next_module || json_array_size(sp) != (size_t)cv->next_module) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
-        for (int m = 0; m < cv->next_module; m++) {
-            cv->sens_err[m] = json_number_value(json_array_get(se, m));
-            cv->sens_probe[m] = (int)json_integer_value(json_array_get(sp, m));
-        }
-    }
     if (cv->sens_S && cv->stage > ST_SENS) {
         json_t *sk = json_object_get(j, "sensitivity_kld"), *sp = json_object_get(j, "sensitivity_probe");
         if (json_array_size(sk) != (size_t)cv->nmod || json_array_size(sp) != (size_t)cv->nmod) { rc = mb_fail(MB_EFORMAT, "%s: corrupt checkpoint (sensitivity)", p); goto out; }
@@ -1053,8 +1037,7 @@ static int preflight(struct conv *cv, int *found) {
         int64_t st = p->sens_tokens < 0 ? SENS_TOKENS : p->sens_tokens;
         cv->sens_S = st > 0 ? (st + cv->L - 1) / cv->L : 0;
         if (cv->sens_S > cv->Rm) cv->sens_S = cv->Rm;
-        if (cv->sens_S && (!(cv->sens_kld = calloc(cv->nmod, sizeof *cv->sens_kld)) || !(cv->sens_probe = calloc(cv->nmod, sizeof *cv->sens_probe)) ||
-                           !(cv->sens_err = calloc(cv->nmod, sizeof *cv->sens_err))))
+        if (cv->sens_S && (!(cv->sens_kld = calloc(cv->nmod, sizeof *cv->sens_kld)) || !(cv->sens_probe = calloc(cv->nmod, sizeof *cv->sens_probe))))
             return mb_fail(MB_ENOMEM, "out of memory");
     }
     if (!p->min_expert_tokens && cv->c->n_experts) {
@@ -1163,7 +1146,8 @@ static int probe_row(const struct conv *cv, int m) {
 
 /* The sensitivity pass (calib/calib.h mb_sens): each module quantized alone with its probe row, the KL
  * divergence of the final logits on the first sens_S measurement rows. Checkpointed inside like the other
- * passes: the states, the streams of the modules probed so far (work/sens.f32) and their errors. */
+ * passes: the states and the streams of the modules probed so far (work/sens.f32); the probe rows follow
+ * from the tables and the target. z->err holds the errors of the probes run by this process (diagnostics). */
 static int stage_sens(struct conv *cv) {
     double t0 = mb_now();
     struct mb_sens *z = &cv->sens;
@@ -1172,9 +1156,9 @@ static int stage_sens(struct conv *cv) {
     wpath(cv, sp, sizeof sp, "sens.f32");
     if ((rc = states_open(cv, cv->Rm, resume))) return rc;
     if ((rc = mb_sens_open(z, cv->ops, cv->nmod, cv->sens_S, cv->L, cv->c->hidden))) return rc;
+    for (int m = 0; m < cv->nmod; m++) cv->sens_probe[m] = probe_row(cv, m);
     if (resume) {
         if ((rc = mb_sens_load(z, cv->next_module, sp))) goto out;
-        for (int m = 0; m < cv->next_module; m++) z->err[m] = cv->sens_err[m];
     } else {
         if ((rc = mb_states_embed(&cv->st, &cv->f, cv->rows_m, cv->chunk_rows))) goto out;
         cv->next_module = 0;
@@ -1191,7 +1175,6 @@ static int stage_sens(struct conv *cv) {
         struct mb_exl2_packed *pk = calloc((size_t)n, sizeof *pk);
         char mname[96];
         module_name(cv, m, mname, sizeof mname);
-        cv->sens_probe[m] = probe_row(cv, m);
         if (!pk) rc = mb_fail(MB_ENOMEM, "out of memory");
         if (!rc) rc = mb_fwd_layer(&cv->f, m / 2, &w);
         if (!rc) rc = mb_collect_hessians(&cv->st, &cv->f, w, m, cv->chunk_rows, cv->p->min_expert_tokens, NULL, &hs);
@@ -1204,7 +1187,6 @@ static int stage_sens(struct conv *cv) {
         mb_hset_free(&hs);
         if (rc) { rc = mb_fail_ctx(rc, "sensitivity of %s", mname); break; }
         flip(cv);
-        cv->sens_err[m] = z->err[m];
         cv->next_module = m + 1;
         mb_progress_update(&pr, m + 1);
         if (m + 1 < cv->nmod) rc = maybe_checkpoint(cv, 0);
@@ -1440,7 +1422,6 @@ out:
     free(cv->acc);
     free(cv->sens_kld);
     free(cv->sens_probe);
-    free(cv->sens_err);
     mb_sens_close(&cv->sens);
     free(cv->choice);
     free(cv->expert_tokens);
